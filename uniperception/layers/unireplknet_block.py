@@ -1,0 +1,177 @@
+"""The UniRepLKNet block: large-kernel depthwise mixing, SE, GRN feed-forward, layer scale.
+
+``out = x + drop_path(gamma ⊙ pwconv2(GRN(GELU(pwconv1(SE(BN(dwconv(x))))))))``. Module and parameter
+names follow the official code, so the state dict of this block *is* the official one, in both forms.
+:meth:`UniRepLKNetBlock.reparameterize` folds every BatchNorm, the GRN ``beta`` and the layer scale
+into the neighbouring linear maps (official deploy keys), leaving outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .dilated_reparam import (
+    DILATED_BRANCHES,
+    DilatedReparamBlock,
+    depthwise_conv,
+    make_batchnorm,
+    replace_conv_with_bias,
+)
+from .drop import DropPath
+from .norm import GRN
+from .reparam import compute_dtype, fuse_bn
+
+__all__ = ["SUPPORTED_KERNEL_SIZES", "Permute", "SEBlock", "UniRepLKNetBlock"]
+
+#: kernel sizes the block accepts: 0 (no spatial mixing), 3 and 5 (plain conv), 7..17 odd (dilated reparam)
+SUPPORTED_KERNEL_SIZES: tuple[int, ...] = (0, 3, 5, *sorted(k for k in DILATED_BRANCHES if k >= 7))
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a parameter-free module (keeps the official Sequential indices)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation: avg-pool → 1×1 conv → ReLU → 1×1 conv → sigmoid → channel scale."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.up = nn.Conv2d(hidden, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = torch.sigmoid(self.up(F.relu(self.down(s))))
+        return x * s
+
+
+class UniRepLKNetBlock(nn.Module):
+    """One residual block of UniRepLKNet.
+
+    Args:
+        dim: channels.
+        kernel_size: 0, 3, 5 or odd 7–17 (see :data:`SUPPORTED_KERNEL_SIZES`).
+        drop_path: stochastic-depth rate of the residual branch.
+        layer_scale_init_value: initial layer scale; ``None`` or ``<= 0`` disables it.
+        deploy: build the re-parameterised form directly.
+        with_cp: run the residual function under activation checkpointing when training.
+        use_sync_bn: ``SyncBatchNorm`` instead of ``BatchNorm2d`` (same keys).
+        ffn_factor: hidden width of the feed-forward as a multiple of ``dim``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float | None = 1e-6,
+        deploy: bool = False,
+        with_cp: bool = False,
+        use_sync_bn: bool = False,
+        ffn_factor: int = 4,
+    ) -> None:
+        super().__init__()
+        if kernel_size not in SUPPORTED_KERNEL_SIZES:
+            raise ValueError(
+                f"UniRepLKNetBlock kernel_size must be one of {SUPPORTED_KERNEL_SIZES}, got {kernel_size}"
+            )
+        self.with_cp = with_cp
+        self.kernel_size = kernel_size
+        self.dwconv: nn.Module
+        if kernel_size == 0:
+            self.dwconv = nn.Identity()
+        elif kernel_size >= 7:
+            self.dwconv = DilatedReparamBlock(dim, kernel_size, deploy=deploy, use_sync_bn=use_sync_bn)
+        else:
+            self.dwconv = depthwise_conv(dim, kernel_size, bias=deploy)
+        self.norm: nn.Module = nn.Identity() if deploy or kernel_size == 0 else make_batchnorm(dim, use_sync_bn)
+        self.se = SEBlock(dim, dim // 4)
+        hidden = int(ffn_factor * dim)
+        self.pwconv1 = nn.Sequential(Permute(0, 2, 3, 1), nn.Linear(dim, hidden))
+        self.act = nn.Sequential(nn.GELU(), GRN(hidden, use_bias=not deploy))
+        if deploy:
+            self.pwconv2 = nn.Sequential(nn.Linear(hidden, dim, bias=True), Permute(0, 3, 1, 2))
+        else:
+            self.pwconv2 = nn.Sequential(
+                nn.Linear(hidden, dim, bias=False), Permute(0, 3, 1, 2), make_batchnorm(dim, use_sync_bn)
+            )
+        use_ls = not deploy and layer_scale_init_value is not None and layer_scale_init_value > 0
+        self.gamma: nn.Parameter | None = (
+            nn.Parameter(layer_scale_init_value * torch.ones(dim)) if use_ls else None  # type: ignore[operator]
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The residual branch ``F(x)`` (without the skip connection)."""
+        y = self.se(self.norm(self.dwconv(x)))
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, 1, 1)
+        return self.drop_path(y)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    @property
+    def is_reparameterized(self) -> bool:
+        """True when the block holds only the deploy-form parameters."""
+        return len(self.pwconv2) == 2 and not isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold, in place, dwconv branches, BatchNorms, GRN beta and layer scale (idempotent).
+
+        Yields exactly the official deploy-form parameters: ``dwconv[.lk_origin].weight/bias``,
+        GRN ``gamma`` only, ``pwconv2.0.weight/bias``; no ``norm``, ``gamma`` or ``pwconv2.2``.
+        """
+        if isinstance(self.dwconv, DilatedReparamBlock):
+            self.dwconv.reparameterize()
+        if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
+            conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
+            weight, bias = fuse_bn(conv.weight, self.norm, conv.bias)
+            fused = replace_conv_with_bias(conv, weight, bias)
+            if isinstance(self.dwconv, DilatedReparamBlock):
+                self.dwconv.lk_origin = fused
+            else:
+                self.dwconv = fused
+            self.norm = nn.Identity()
+        if len(self.pwconv2) == 3:
+            linear: nn.Linear = self.pwconv2[0]
+            bn: nn.BatchNorm2d = self.pwconv2[2]
+            grn: GRN = self.act[1]
+            dt = compute_dtype(linear.weight.dtype)
+            w2 = linear.weight.detach().to(dt)
+            lin_bias = torch.zeros(w2.shape[0], dtype=dt, device=w2.device)
+            if linear.bias is not None:
+                lin_bias = lin_bias + linear.bias.detach().to(dt)
+            if grn.beta is not None:
+                lin_bias = lin_bias + w2 @ grn.beta.detach().to(dt).flatten()
+            weight, bias = fuse_bn(w2, bn, lin_bias)
+            if self.gamma is not None:
+                g = self.gamma.detach().to(dt)
+                weight, bias = weight * g[:, None], bias * g
+            new = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                            device=linear.weight.device, dtype=linear.weight.dtype)
+            new.weight.copy_(weight)
+            new.bias.copy_(bias)
+            self.pwconv2 = nn.Sequential(new, self.pwconv2[1])
+            grn.beta = None
+            self.gamma = None
