@@ -151,7 +151,7 @@ class UniRepLKNet(nn.Module):
                 nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), LayerNorm2d(dims[i + 1]))
             )
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         cur = 0
         for i in range(4):

@@ -112,14 +112,18 @@ class DilatedReparamBlock(nn.Module):
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Merge every branch into ``lk_origin`` in place (idempotent)."""
-        if self.is_merged:
-            return
-        kernel, bias = self.merged_kernel()
+        if not self.is_merged:
+            self.install_merged(*self.merged_kernel())
+
+    @torch.no_grad()
+    def install_merged(self, kernel: Tensor, bias: Tensor) -> None:
+        """Replace the branches by one ``lk_origin`` conv holding ``kernel`` and ``bias`` (cast once)."""
         self.lk_origin = replace_conv_with_bias(self.lk_origin, kernel, bias)
-        del self.origin_bn
-        for kb, r in self.branches:
-            delattr(self, f"dil_conv_k{kb}_{r}")
-            delattr(self, f"dil_bn_k{kb}_{r}")
+        if not self.is_merged:
+            del self.origin_bn
+            for kb, r in self.branches:
+                delattr(self, f"dil_conv_k{kb}_{r}")
+                delattr(self, f"dil_bn_k{kb}_{r}")
 
     # official name
     merge_dilated_branches = reparameterize

@@ -142,17 +142,17 @@ class UniRepLKNetBlock(nn.Module):
         Yields exactly the official deploy-form parameters: ``dwconv[.lk_origin].weight/bias``,
         GRN ``gamma`` only, ``pwconv2.0.weight/bias``; no ``norm``, ``gamma`` or ``pwconv2.2``.
         """
-        if isinstance(self.dwconv, DilatedReparamBlock):
-            self.dwconv.reparameterize()
+        # every fold runs in the compute dtype and is cast back once, so bf16 models round only once
         if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
-            conv = self.dwconv.lk_origin if isinstance(self.dwconv, DilatedReparamBlock) else self.dwconv
-            weight, bias = fuse_bn(conv.weight, self.norm, conv.bias)
-            fused = replace_conv_with_bias(conv, weight, bias)
             if isinstance(self.dwconv, DilatedReparamBlock):
-                self.dwconv.lk_origin = fused
+                kernel, bias = self.dwconv.merged_kernel()
+                self.dwconv.install_merged(*fuse_bn(kernel, self.norm, bias))
             else:
-                self.dwconv = fused
+                conv = self.dwconv
+                self.dwconv = replace_conv_with_bias(conv, *fuse_bn(conv.weight, self.norm, conv.bias))
             self.norm = nn.Identity()
+        elif isinstance(self.dwconv, DilatedReparamBlock):
+            self.dwconv.reparameterize()
         if len(self.pwconv2) == 3:
             linear: nn.Linear = self.pwconv2[0]
             bn: nn.BatchNorm2d = self.pwconv2[2]

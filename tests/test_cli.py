@@ -1,0 +1,57 @@
+"""The command line: demo, models, convert."""
+
+from __future__ import annotations
+
+import torch
+from _utils import randomize_
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import uniperception as up
+from uniperception.checkpoints import save_state_dict
+from uniperception.cli import app
+from uniperception.demo import run_reparam_demo
+
+runner = CliRunner()
+
+
+def test_demo_agrees_and_reports(tmp_path):
+    res = runner.invoke(app, ["demo", "--size", "64", "--batch", "2", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "agree" in res.output and "speed-up" in res.output
+
+
+def test_demo_result_figures():
+    r = run_reparam_demo("unireplknet_a", image_size=48, batch=2, repeats=1)
+    assert r.params_train == 4_649_060 and r.params_deploy == 4_437_300
+    assert r.max_abs_diff <= 1e-4 * max(1.0, r.max_logit)
+    assert len(r.top5) == 5 and r.time_deploy > 0
+
+
+def test_demo_bad_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    res = runner.invoke(app, ["demo", "--image", str(bad), "--size", "32", "--batch", "1", "--repeats", "1"])
+    assert res.exit_code == 2 and "cannot read image" in res.output
+
+
+def test_models_lists_registry():
+    res = runner.invoke(app, ["models", "unireplknet_*"])
+    assert res.exit_code == 0 and res.output.split() == up.list_models("unireplknet_*")
+    res = runner.invoke(app, ["models", "unireplknet_s*", "--pretrained"])
+    assert "unireplknet_s_in22k_pretrain.pth" in res.output
+
+
+def test_convert_to_deploy_safetensors(tmp_path):
+    m = randomize_(up.create_model("unireplknet_a", num_classes=10), 1).eval()
+    src = save_state_dict(m.state_dict(), tmp_path / "ckpt.pth")
+    dst = tmp_path / "out" / "deploy.safetensors"
+    res = runner.invoke(app, ["convert", str(src), str(dst), "--model", "unireplknet_a", "--num-classes", "10"])
+    assert res.exit_code == 0, res.output
+    dep = up.create_model("unireplknet_a", num_classes=10, deploy=True).eval()
+    dep.load_state_dict(load_file(str(dst)))
+    x = torch.randn(1, 3, 50, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), m(x), atol=1e-4, rtol=1e-4)
+    res = runner.invoke(app, ["convert", str(tmp_path / "missing.pth"), str(dst)])
+    assert res.exit_code == 2 and "not found" in res.output

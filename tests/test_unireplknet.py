@@ -1,0 +1,255 @@
+"""UniRepLKNet: official structure (keys, shapes, parameter counts), official numbers, model API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import uniperception as up
+from uniperception.backbones import UniRepLKNet, default_kernel_sizes
+from uniperception.checkpoints import load_official
+from uniperception.errors import InvalidInputError
+from uniperception.layers import GRN, LayerNorm2d, UniRepLKNetBlock
+
+VARIANTS = ["a", "f", "p", "n", "t", "s", "b", "l", "xl"]
+BIG = {"b", "l", "xl"}
+
+# spec §1: parameters only (no BN buffers), num_classes=1000, in_chans=3
+PARAMS = {
+    "a": (4_649_060, 4_437_300),
+    "f": (6_489_328, 6_235_216),
+    "p": (11_080_520, 10_741_704),
+    "n": (18_818_880, 18_318_560),
+    "t": (31_693_420, 31_037_980),
+    "s": (56_456_704, 55_645_984),
+    "b": (99_089_416, 98_008_456),
+    "l": (220_076_056, 218_454_616),
+    "xl": (388_690_984, 386_529_064),
+}
+
+
+def _manifest(reference, name: str) -> dict[str, list[int]]:
+    return json.loads((reference / "official_keys" / f"{name}.json").read_text())
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_official_keys_shapes_and_param_counts(reference, variant):
+    name = f"unireplknet_{variant}"
+    with torch.device("meta"):
+        train = up.create_model(name)
+        deploy = up.create_model(name, deploy=True)
+    # exact key order and shapes, both forms
+    assert list(_shapes(train).items()) == list(_manifest(reference, name).items())
+    assert list(_shapes(deploy).items()) == list(_manifest(reference, name + "_deploy").items())
+    n_train = sum(p.numel() for p in train.parameters())
+    n_deploy = sum(p.numel() for p in deploy.parameters())
+    assert (n_train, n_deploy) == PARAMS[variant]
+    # re-parameterising the training form yields exactly the deploy layout (on meta: no compute needed)
+    train.reparameterize()
+    assert list(_shapes(train).items()) == list(_manifest(reference, name + "_deploy").items())
+
+
+@pytest.fixture(scope="module")
+def official_a(reference):
+    vec = reference / "vectors"
+    return (
+        load_file(str(vec / "unireplknet_a_random.safetensors")),
+        load_file(str(vec / "unireplknet_a_random_deploy.safetensors")),
+        load_file(str(vec / "unireplknet_a_io.safetensors")),
+    )
+
+
+def test_reference_vectors_training_reparam_and_deploy(official_a):
+    train_sd, deploy_sd, io = official_a
+    model = up.create_model("unireplknet_a").eval()
+    assert load_official(model, train_sd).ok
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["input"]), io["logits"], atol=1e-5, rtol=0)
+        model.reparameterize()
+        torch.testing.assert_close(model(io["input"]), io["logits_reparam"], atol=1e-5, rtol=0)
+    # our re-parameterisation produces the official deploy state dict
+    ours = model.state_dict()
+    assert list(ours) == list(deploy_sd) or set(ours) == set(deploy_sd)
+    for k, v in deploy_sd.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=1e-5, msg=k)
+    # a model built in deploy form loads the official deploy dict and reproduces the logits
+    built = up.create_model("unireplknet_a", deploy=True).eval()
+    built.load_state_dict(deploy_sd, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(built(io["input"]), io["logits_reparam"], atol=1e-5, rtol=0)
+
+
+def test_float64_reference_reparam_is_exact(official_a):
+    train_sd, _, io = official_a
+    model = up.create_model("unireplknet_a").eval()
+    load_official(model, train_sd)
+    model.double()
+    x = io["input"].double()
+    with torch.no_grad():
+        before = model(x)
+        model.reparameterize()
+        after = model(x)
+    assert (before - after).abs().max().item() <= 1e-10
+    torch.testing.assert_close(before.float(), io["logits"], atol=1e-5, rtol=0)
+
+
+def test_numerics_match_official_conventions():
+    """The small constants the logits are only weakly sensitive to (spec §13.11), checked directly."""
+    m = UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((3,), (3,), (3,), (3,)))
+    lns = [x for x in m.modules() if isinstance(x, (nn.LayerNorm, LayerNorm2d))]
+    assert lns and all(x.eps == 1e-6 for x in lns)
+    bns = [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]
+    assert bns and all(x.eps == 1e-5 for x in bns)
+    gelus = [x for x in m.modules() if isinstance(x, nn.GELU)]
+    assert gelus and all(x.approximate == "none" for x in gelus)
+    grn = next(x for x in m.modules() if isinstance(x, GRN))
+    assert grn.gamma.shape == (1, 1, 1, 32) and grn.eps == 1e-6
+
+
+def test_layernorm2d_equals_explicit_channels_first_formula():
+    ln = LayerNorm2d(6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    u = x.mean(1, keepdim=True)
+    s = (x - u).pow(2).mean(1, keepdim=True)
+    ref = (x - u) / torch.sqrt(s + 1e-6) * ln.weight[:, None, None] + ln.bias[:, None, None]
+    torch.testing.assert_close(ln(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_kernel_tables():
+    assert default_kernel_sizes((2, 2, 6, 2)) == ((3, 3), (13, 13), (13,) * 6, (13, 13))
+    t = default_kernel_sizes((3, 3, 18, 3))[2]
+    assert t[0::2] == (13,) * 9 and t[1::2] == (3,) * 9
+    s = default_kernel_sizes((3, 3, 27, 3))[2]
+    assert [i for i, k in enumerate(s) if k == 13] == list(range(0, 27, 3))
+    with pytest.raises(InvalidInputError, match="kernel_sizes"):
+        UniRepLKNet(depths=(1, 2, 3, 4), dims=(8, 16, 32, 64))
+    with pytest.raises(InvalidInputError, match="do not match"):
+        UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((3,), (3, 3), (3,), (3,)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6, 8, 19, 21])
+def test_unsupported_kernel_sizes_raise(k):
+    with pytest.raises(ValueError, match="kernel_size"):
+        UniRepLKNetBlock(8, k)
+
+
+def test_unknown_constructor_argument_is_an_error():
+    """The official class swallowed typos through **kwargs (spec §13.5); ours raises."""
+    with pytest.raises(TypeError):
+        UniRepLKNet(disable_iGEMM=True)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in BIG else v for v in VARIANTS])
+def test_forward_backward_small_input(variant):
+    model = up.create_model(f"unireplknet_{variant}", num_classes=7, drop_path_rate=0.1)
+    x = torch.randn(1, 3, 45, 61, requires_grad=True)
+    out = model(x)
+    assert out.shape == (1, 7)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _small(**kw) -> UniRepLKNet:
+    kw.setdefault("kernel_sizes", ((3,), (13,), (7, 0), (5,)))
+    return UniRepLKNet(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), **kw)
+
+
+def test_head_api_and_num_classes_zero():
+    m = _small(num_classes=5).eval()
+    x = torch.randn(2, 3, 37, 53)
+    f = m.forward_features(x)
+    assert f.shape == (2, 64, 2, 2)  # ceil(37/32), ceil(53/32)
+    assert m.forward_head(f, pre_logits=True).shape == (2, 64)
+    torch.testing.assert_close(m.forward_head(f), m(x))
+    m.reset_classifier(3)
+    assert m(x).shape == (2, 3) and m.get_classifier().out_features == 3
+    m.reset_classifier(0)
+    assert m(x).shape == (2, 64)
+    assert _small(num_classes=0)(x).shape == (2, 64)
+
+
+def test_head_init_scale_and_init():
+    m = _small(num_classes=10, head_init_scale=0.001)
+    ref = _small(num_classes=10)
+    assert m.head.weight.std().item() < ref.head.weight.std().item() * 0.01
+    w = ref.stages[1][0].pwconv1[1].weight
+    assert 0.015 < w.std().item() < 0.025 and ref.stages[1][0].gamma.eq(1e-6).all()
+
+
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 3), (2,)])
+def test_features_only_strides(out_indices):
+    m = up.create_model("unireplknet_a", features_only=True, out_indices=out_indices).eval()
+    x = torch.randn(1, 3, 77, 93)
+    feats = m(x)
+    sizes = {0: (20, 24), 1: (10, 12), 2: (5, 6), 3: (3, 3)}
+    dims = (40, 80, 160, 320)
+    assert [tuple(f.shape[1:]) for f in feats] == [(dims[i], *sizes[i]) for i in out_indices]
+    assert [fi["reduction"] for fi in m.feature_info] == [2 ** (i + 2) for i in out_indices]
+    assert not hasattr(m, "head")
+    assert m.forward_features(x).shape == (1, 320, 3, 3)
+
+
+def test_input_errors():
+    m = _small(num_classes=3)
+    with pytest.raises(InvalidInputError, match="4-D"):
+        m(torch.randn(3, 32, 32))
+    with pytest.raises(InvalidInputError, match="in_chans"):
+        m(torch.randn(1, 1, 32, 32))
+
+
+def test_gradient_checkpointing_same_outputs_and_grads():
+    torch.manual_seed(1)
+    m = _small(num_classes=4)
+    x = torch.randn(2, 3, 40, 40)
+    out1 = m(x)
+    out1.sum().backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    assert all(b.with_cp for b in m.modules() if isinstance(b, UniRepLKNetBlock))
+    x2 = x.clone().requires_grad_(True)  # checkpointing engages when the block input requires grad
+    out2 = m(x2)
+    out2.sum().backward()
+    torch.testing.assert_close(out1, out2)
+    for a, b in zip(g1, [p.grad for p in m.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_drop_path_schedule_and_behaviour():
+    m = up.create_model("unireplknet_a", drop_path_rate=0.3)
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+             for b in m.modules() if isinstance(b, UniRepLKNetBlock)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+
+
+def test_export_deploy_form():
+    m = _small(num_classes=6).eval().reparameterize()
+    x = torch.randn(2, 3, 45, 51)
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(x), m(x), atol=1e-5, rtol=1e-5)
+    traced = torch.jit.trace(m, x)
+    torch.testing.assert_close(traced(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_no_print_in_construction_or_reparam(capsys):
+    """The official code prints tables and per-block notes (spec §13.1); ours stays silent."""
+    m = UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((13,), (3,), (13,), (0,)),
+                    with_cp=True, drop_path_rate=0.2)
+    m.reparameterize()
+    UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((13,), (3,), (13,), (0,)), deploy=True)
+    assert capsys.readouterr().out == ""

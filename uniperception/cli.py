@@ -1,0 +1,114 @@
+"""The ``uniperception`` command line: ``demo``, ``models``, ``convert``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Universal perception with large-kernel ConvNets.")
+console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"uniperception {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "unireplknet_a",
+    image: Annotated[Path | None, typer.Option(help="An RGB image (default: scikit-learn's china.jpg).")] = None,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 224,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported).")] = 5,
+) -> None:
+    """Re-parameterise a UniRepLKNet and show that outputs agree and inference gets faster."""
+    from .demo import run_reparam_demo
+    from .errors import UniperceptionError
+
+    try:
+        r = run_reparam_demo(model, image=image, image_size=size, batch=batch, repeats=repeats)
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    t = Table(title=f"{r.model}: training form vs re-parameterised (deploy) form, batch {r.batch} at {r.image_size}²")
+    for col in ("form", "parameters", "ms / batch", "images / s"):
+        t.add_column(col, justify="right")
+    t.add_row("training", f"{r.params_train:,}", f"{r.time_train * 1e3:.1f}", f"{r.batch / r.time_train:.1f}")
+    t.add_row("deploy", f"{r.params_deploy:,}", f"{r.time_deploy * 1e3:.1f}", f"{r.batch / r.time_deploy:.1f}")
+    console.print(t)
+    console.print(
+        f"max |logits_train - logits_deploy| = {r.max_abs_diff:.2e} (largest logit {r.max_logit:.2f}); "
+        f"speed-up {r.speedup:.2f}x"
+    )
+    ok = r.max_abs_diff <= 1e-4 * max(1.0, r.max_logit)
+    console.print("[green]outputs agree to float32 rounding[/green]" if ok else "[red]outputs DIFFER[/red]")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style pattern.")] = "*",
+    pretrained: Annotated[bool, typer.Option(help="List name.tag entries that have official weights.")] = False,
+) -> None:
+    """List registered models."""
+    from .backbones import get_pretrained_cfg, list_models
+
+    for name in list_models(pattern, pretrained=pretrained):
+        if pretrained:
+            cfg = get_pretrained_cfg(name)
+            console.print(f"{name}\t{cfg.filename}\t{cfg.num_classes} classes @ {cfg.input_size[-1]}")
+        else:
+            console.print(name)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Official checkpoint (.pth or .safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (.safetensors recommended).")],
+    model: Annotated[str, typer.Option(help="Architecture of the checkpoint.")] = "unireplknet_a",
+    num_classes: Annotated[int, typer.Option(help="Classifier size of the checkpoint.")] = 1000,
+    deploy: Annotated[bool, typer.Option(help="Re-parameterise before saving.")] = True,
+) -> None:
+    """Load an official checkpoint (validating every key) and save it, re-parameterised by default."""
+    from .backbones import create_model
+    from .checkpoints import load_official, save_state_dict
+    from .errors import UniperceptionError
+
+    try:
+        net = create_model(model, num_classes=num_classes)
+        report = load_official(net, src)
+        if deploy:
+            net.reparameterize()
+        save_state_dict(net.state_dict(), dst, metadata={"architecture": model, "form": "deploy" if deploy else "training"})
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(report.summary())
+    console.print(f"wrote {dst} ({'deploy' if deploy else 'training'} form)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
