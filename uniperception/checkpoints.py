@@ -112,8 +112,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
             f"refused to load {p}: it needs to unpickle objects other than tensors ({e}). "
             "Only load files you trust by other means, or convert them to safetensors."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {p} (truncated or corrupt?): {e}") from e
+    except Exception as e:  # a corrupt pickle stream can fail in many ways (IndexError, KeyError, struct.error…)
+        raise CheckpointError(
+            f"cannot read checkpoint {p} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -149,7 +151,21 @@ def unwrap_state_dict(obj: Any) -> tuple[StateDict, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ converters
-Converter = Callable[[StateDict, nn.Module, "LoadReport", bool], StateDict]
+@dataclass
+class Conversion:
+    """What a converter hands back to :func:`load_official`.
+
+    ``expected`` is the key → shape table the model will have once ``prepare`` ran (``None``: the model's
+    current one); ``prepare`` changes the model (e.g. re-parameterises it) and runs only after the checkpoint
+    passed the key check, so a failed load leaves the model untouched.
+    """
+
+    state_dict: StateDict
+    expected: dict[str, tuple[int, ...]] | None = None
+    prepare: Callable[[], Any] | None = None
+
+
+Converter = Callable[[StateDict, nn.Module, "LoadReport", bool, bool], Conversion]
 _CONVERTERS: dict[type[nn.Module], Converter] = {}
 
 
@@ -171,16 +187,22 @@ def _is_training_form_unireplknet(sd: StateDict) -> bool | None:
     return train
 
 
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 @register_converter(UniRepLKNet)
-def convert_unireplknet(sd: StateDict, model: nn.Module, report: LoadReport, adapt_head: bool) -> StateDict:
+def convert_unireplknet(
+    sd: StateDict, model: nn.Module, report: LoadReport, adapt_head: bool, strict: bool
+) -> Conversion:
     """Official UniRepLKNet state dict → keys of ``model`` (see the module docstring for what converts)."""
     assert isinstance(model, UniRepLKNet)
     sd = dict(sd)
-    model_keys = model.state_dict().keys()
+    own = model.state_dict()
     # the pre-2023-12-01 deploy layout kept large-kernel convs at dwconv.weight/bias
     for k in [k for k in sd if k.endswith((".dwconv.weight", ".dwconv.bias"))]:
         new = k.replace(".dwconv.", ".dwconv.lk_origin.")
-        if k not in model_keys and new in model_keys:
+        if k not in own and new.rsplit(".", 1)[0] + ".weight" in own:
             sd[new] = sd.pop(k)
             report.converted.append(f"{k} -> {new}")
     # a training-form small-kernel conv with a bias (briefly in the official code): fold it into its BN
@@ -193,37 +215,38 @@ def convert_unireplknet(sd: StateDict, model: nn.Module, report: LoadReport, ada
         for k in [k for k in sd if k.startswith(("norm.", "head."))]:
             del sd[k]
             report.skipped.append(f"{k} (classification layer; features_only model)")
-        for i in model.out_indices:
+        for i in range(4):
             for suffix in ("weight", "bias"):
                 key = f"norm{i}.{suffix}"
-                if key not in sd:  # official features mode keeps norm0..3 at 1/0 when absent
-                    sd[key] = model.state_dict()[key].detach().clone()
+                if i not in model.out_indices:
+                    if sd.pop(key, None) is not None:
+                        report.skipped.append(f"{key} (stage {i} not in out_indices)")
+                elif key not in sd:  # official features mode keeps norm0..3 at 1/0 when absent
+                    sd[key] = own[key].detach().clone()
                     report.converted.append(f"{key} absent: kept its initial value (official behaviour)")
     elif adapt_head and "head.weight" in sd:
-        head = model.state_dict().get("head.weight")
+        head = own.get("head.weight")
         if head is None or tuple(head.shape) != tuple(sd["head.weight"].shape):
             for k in ("head.weight", "head.bias"):
-                if k in sd:
-                    del sd[k]
+                if sd.pop(k, None) is not None:
                     report.skipped.append(f"{k} (head size differs; model head kept freshly initialised)")
-            for k in ("head.weight", "head.bias"):
-                if k in model_keys:
-                    sd[k] = model.state_dict()[k].detach().clone()
+                if k in own:
+                    sd[k] = own[k].detach().clone()
     ckpt_train = _is_training_form_unireplknet(sd)
     model_train = not model.is_deploy
     if ckpt_train is False and model_train:
-        model.reparameterize()
+        with torch.device("meta"):
+            twin = UniRepLKNet(**{**model.init_kwargs, "deploy": True})
         report.converted.append("checkpoint is deploy form: model re-parameterised before loading")
-    elif ckpt_train is True and not model_train:
-        twin = UniRepLKNet(**{**model.init_kwargs, "deploy": False})
+        return Conversion(sd, expected=_shapes(twin), prepare=model.reparameterize)
+    if ckpt_train is True and not model_train:
         ref = next(model.parameters())
-        twin.to(device=ref.device, dtype=ref.dtype)
-        sub = LoadReport()
-        load_official(twin, sd, strict=True, adapt_head=False, _report=sub)
+        twin = UniRepLKNet(**{**model.init_kwargs, "deploy": False}).to(device=ref.device, dtype=ref.dtype)
+        load_official(twin, sd, strict=strict, adapt_head=False, _report=report)
         twin.reparameterize()
-        sd = {k: v for k, v in twin.state_dict().items()}
         report.converted.append("checkpoint is training form: re-parameterised into the deploy model")
-    return sd
+        return Conversion(dict(twin.state_dict()))
+    return Conversion(sd)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -251,22 +274,26 @@ def load_official(
     obj = read_checkpoint(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
     sd, notes = unwrap_state_dict(obj)
     report.converted.extend(notes)
+    conversion = Conversion(sd)
     for cls, conv in _CONVERTERS.items():
         if isinstance(model, cls):
-            sd = conv(sd, model, report, adapt_head)
+            conversion = conv(sd, model, report, adapt_head, strict)
             break
-    target = model.state_dict()
+    sd = conversion.state_dict
+    target = conversion.expected if conversion.expected is not None else _shapes(model)
     for k, v in sd.items():
         if k not in target:
             report.unexpected.append(k)
-        elif tuple(v.shape) != tuple(target[k].shape):
-            report.mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+        elif tuple(v.shape) != target[k]:
+            report.mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {target[k]}")
     report.missing.extend(k for k in target if k not in sd)
     if strict and not report.ok:
         hint = ""
         if any(m.startswith("head.") for m in report.mismatched):
             hint = " The classifier size differs: pass adapt_head=True (or build the model with that num_classes)."
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}:\n{report.summary()}{hint}")
+    if conversion.prepare is not None:
+        conversion.prepare()
     bad = {m.split(":")[0] for m in report.mismatched}
     loadable = {k: v for k, v in sd.items() if k in target and k not in bad}
     model.load_state_dict(loadable, strict=False)
@@ -344,6 +371,9 @@ def save_state_dict(
             torch.save(tensors, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, p)
     finally:
         with contextlib.suppress(FileNotFoundError):
