@@ -21,6 +21,7 @@ from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
 from ..layers.reparam import reparameterize as reparameterize_tree
 from ..layers.unireplknet_block import UniRepLKNetBlock
+from ..ops import set_conv_impl
 from .registry import PretrainedCfg, register_model
 
 __all__ = ["UNIREPLKNET_VARIANTS", "UniRepLKNet", "default_kernel_sizes"]
@@ -259,6 +260,11 @@ class UniRepLKNet(nn.Module):
         else:
             self.head = nn.Identity()
         self.init_kwargs["num_classes"] = num_classes
+
+    def set_conv_impl(self, impl: str = "auto") -> UniRepLKNet:
+        """Run every depthwise conv with ``impl`` (``"auto"``, ``"native"``, ``"fft"``, …; see :mod:`uniperception.ops`)."""
+        set_conv_impl(self, impl)
+        return self
 
     @property
     def is_deploy(self) -> bool:

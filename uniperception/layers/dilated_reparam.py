@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops import DepthwiseConv2d
 from .reparam import fuse_bn, merge_dilated_into_large_kernel
 
 __all__ = ["DILATED_BRANCHES", "DilatedReparamBlock", "make_batchnorm", "replace_conv_with_bias"]
@@ -33,25 +34,27 @@ def make_batchnorm(channels: int, use_sync_bn: bool = False) -> nn.BatchNorm2d |
     return nn.SyncBatchNorm(channels) if use_sync_bn else nn.BatchNorm2d(channels)
 
 
-def depthwise_conv(
-    channels: int, kernel_size: int, dilation: int = 1, bias: bool = False
-) -> nn.Conv2d:
-    """A stride-1 "same"-padded depthwise conv (odd kernel)."""
-    padding = dilation * (kernel_size - 1) // 2
-    return nn.Conv2d(
-        channels, channels, kernel_size, stride=1, padding=padding, dilation=dilation,
-        groups=channels, bias=bias,
-    )
+def depthwise_conv(channels: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> DepthwiseConv2d:
+    """A stride-1 "same"-padded depthwise conv (odd kernel) running through :mod:`uniperception.ops`."""
+    return DepthwiseConv2d(channels, kernel_size, padding="same", dilation=dilation, bias=bias)
 
 
 @torch.no_grad()
 def replace_conv_with_bias(conv: nn.Conv2d, weight: Tensor, bias: Tensor) -> nn.Conv2d:
-    """A copy of ``conv``'s geometry holding ``weight`` and a ``bias``, in ``conv``'s dtype and device."""
-    new = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True,
-        device=conv.weight.device, dtype=conv.weight.dtype,
-    )
+    """A copy of ``conv``'s geometry holding ``weight`` and a ``bias``, in ``conv``'s dtype and device.
+
+    Depthwise convs stay :class:`~uniperception.ops.DepthwiseConv2d` (keeping their ``impl`` setting).
+    """
+    kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+    new: nn.Conv2d
+    if isinstance(conv, DepthwiseConv2d):
+        new = DepthwiseConv2d(conv.in_channels, conv.kernel_size, padding=conv.padding,  # type: ignore[arg-type]
+                              dilation=conv.dilation, bias=True, impl=conv.impl, **kw)  # type: ignore[arg-type]
+    else:
+        new = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=True, **kw,
+        )
     new.weight.copy_(weight.to(conv.weight.dtype))
     new.bias.copy_(bias.to(conv.weight.dtype))
     new.train(conv.training)

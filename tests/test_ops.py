@@ -1,0 +1,193 @@
+"""The large-kernel depthwise convolution engine: every implementation is exact, the dispatch is controllable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _utils import max_rel_err, randomize_
+from hypothesis import given
+from hypothesis import strategies as st
+
+from uniperception import ops
+from uniperception.backbones import UniRepLKNet
+from uniperception.errors import InvalidInputError
+from uniperception.ops import DepthwiseConv2d, crop_kernel_to_reach, depthwise_conv2d
+from uniperception.ops import depthwise as dw
+
+GRAD_IMPLS = ["native", "channels_last", "fft"]
+
+# (kh, kw, dilation, H, W, batch)
+CASES = [
+    (3, 3, 1, 17, 23, 2),
+    (7, 7, 1, 28, 28, 1),
+    (13, 13, 1, 29, 31, 3),
+    (13, 13, 1, 7, 7, 2),
+    (31, 31, 1, 14, 15, 2),
+    (51, 51, 1, 9, 11, 1),
+    (51, 5, 1, 33, 20, 2),
+    (5, 51, 1, 12, 40, 1),
+    (61, 61, 1, 30, 30, 1),
+    (3, 3, 4, 21, 19, 2),
+    (5, 5, 3, 16, 16, 2),
+    (9, 7, 2, 25, 18, 1),
+]
+
+
+def _ref_and_out(impl, kh, kw, d, h, w, b, dtype, padding="same"):
+    c = 5
+    x = torch.randn(b, c, h, w, dtype=dtype, requires_grad=True)
+    wt = torch.randn(c, 1, kh, kw, dtype=dtype, requires_grad=True)
+    bias = torch.randn(c, dtype=dtype, requires_grad=True)
+    pad = (d * (kh - 1) // 2, d * (kw - 1) // 2) if padding == "same" else padding
+    ref = F.conv2d(x, wt, bias, 1, pad, d, c)
+    out = depthwise_conv2d(x, wt, bias, padding=padding, dilation=d, impl=impl)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, wt, bias), g)
+    grads_out = torch.autograd.grad(out, (x, wt, bias), g)
+    return (ref, *grads_ref), (out, *grads_out)
+
+
+@pytest.mark.parametrize("impl", GRAD_IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "k{}x{}d{}_{}x{}b{}".format(*c))
+def test_impl_matches_native_forward_and_gradients_float32(impl, case):
+    refs, outs = _ref_and_out(impl, *case, torch.float32)
+    for name, r, o in zip(("out", "dx", "dw", "db"), refs, outs, strict=True):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        assert max_rel_err(o, r) <= 1e-4, name
+
+
+@pytest.mark.parametrize("impl", GRAD_IMPLS)
+def test_impl_float64_exact(impl):
+    for case in CASES[:6]:
+        refs, outs = _ref_and_out(impl, *case, torch.float64)
+        assert all(max_rel_err(o, r) <= 1e-10 for r, o in zip(refs, outs, strict=True))
+
+
+@pytest.mark.parametrize("impl", ["channels_last", "fft", "auto"])
+@pytest.mark.parametrize("k", [13, 31])
+def test_bfloat16(impl, k):
+    x = torch.randn(2, 8, 20, 18)
+    w = torch.randn(8, 1, k, k) / k
+    ref = F.conv2d(x.bfloat16().float(), w.bfloat16().float(), None, 1, k // 2, 1, 8)
+    out = depthwise_conv2d(x.bfloat16(), w.bfloat16(), padding=k // 2, impl=impl)
+    assert out.dtype == torch.bfloat16
+    assert max_rel_err(out.float(), ref) <= 2e-2
+
+
+def test_blocked_inference_only():
+    x, w = torch.randn(2, 16, 20, 20), torch.randn(16, 1, 13, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_conv2d(x, w, padding=6, impl="blocked"), F.conv2d(x, w, None, 1, 6, 1, 16))
+    with pytest.raises(InvalidInputError, match="inference-only"):
+        depthwise_conv2d(x, w.requires_grad_(), padding=6, impl="blocked")
+
+
+@given(
+    k=st.integers(1, 41), d=st.integers(1, 3), h=st.integers(1, 24), pad=st.integers(0, 30),
+)
+def test_crop_kernel_to_reach_is_exact(k, d, h, pad):
+    if h + 2 * pad < d * (k - 1) + 1:
+        return
+    x = torch.randn(1, 2, h, h + 3, dtype=torch.float64)
+    w = torch.randn(2, 1, k, k, dtype=torch.float64)
+    wc, pc = crop_kernel_to_reach(w, (h, h + 3), (pad, pad), (d, d))
+    assert wc.shape[-1] <= k and min(pc) >= 0
+    torch.testing.assert_close(F.conv2d(x, wc, None, 1, pc, d, 2), F.conv2d(x, w, None, 1, pad, d, 2))
+
+
+def test_crop_makes_huge_kernels_on_small_maps_small():
+    w = torch.randn(4, 1, 51, 51)
+    wc, pc = crop_kernel_to_reach(w, (7, 7), (25, 25), (1, 1))
+    assert tuple(wc.shape[-2:]) == (13, 13) and pc == (6, 6)
+
+
+def test_padding_forms_and_errors():
+    x, w = torch.randn(1, 3, 10, 12), torch.randn(3, 1, 5, 3)
+    same = depthwise_conv2d(x, w, padding="same")
+    torch.testing.assert_close(same, F.conv2d(x, w, None, 1, (2, 1), 1, 3))
+    torch.testing.assert_close(depthwise_conv2d(x, w, padding=1), F.conv2d(x, w, None, 1, 1, 1, 3))
+    torch.testing.assert_close(depthwise_conv2d(x, w, stride=2, padding=2), F.conv2d(x, w, None, 2, 2, 1, 3))
+    with pytest.raises(InvalidInputError):
+        depthwise_conv2d(x[0], w)
+    with pytest.raises(InvalidInputError, match="depthwise weight"):
+        depthwise_conv2d(x, torch.randn(4, 1, 3, 3))
+    with pytest.raises(InvalidInputError, match="unknown"):
+        depthwise_conv2d(x, w, impl="magic")
+    with pytest.raises(InvalidInputError, match="odd"):
+        depthwise_conv2d(x, torch.randn(3, 1, 4, 4), padding="same")
+
+
+def test_fft_chunks_large_batches(monkeypatch):
+    monkeypatch.setattr("uniperception.ops.fft._CHUNK_ELEMENTS", 2000)
+    x, w = torch.randn(7, 3, 15, 15, requires_grad=True), torch.randn(3, 1, 9, 9)
+    out = depthwise_conv2d(x, w, padding=4, impl="fft")
+    ref = F.conv2d(x, w, None, 1, 4, 1, 3)
+    assert max_rel_err(out, ref) <= 1e-4
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (gr,) = torch.autograd.grad(ref.sum(), x)
+    assert max_rel_err(gx, gr) <= 1e-4
+
+
+def test_auto_prefers_fft_for_large_kernels_in_training_and_direct_for_small():
+    x = torch.randn(32, 64, 56, 56)
+    w13, w3 = torch.randn(64, 1, 13, 13), torch.randn(64, 1, 3, 3)
+    assert ops.choose_impl(x, w3, (1, 1), (1, 1), training=False) == "channels_last"
+    assert ops.choose_impl(x, w13, (6, 6), (1, 1), training=True) == "fft"
+    w51 = torch.randn(320, 1, 13, 13)  # a 51×51 kernel on 7×7 maps after cropping
+    assert ops.choose_impl(torch.randn(32, 320, 7, 7), w51, (6, 6), (1, 1), training=False) == "channels_last"
+
+
+def test_forcing_implementations(monkeypatch):
+    x, w = torch.randn(2, 4, 16, 16), torch.randn(4, 1, 31, 31)
+    calls = []
+    monkeypatch.setitem(dw._IMPL_FNS, "fft", lambda *a: calls.append("fft") or F.conv2d(a[0], a[1], a[2], 1, a[3], a[4], 4))
+    with ops.force_impl("fft"):
+        depthwise_conv2d(x, w, padding=15)
+    monkeypatch.setenv("UNIPERCEPTION_CONV_IMPL", "fft")
+    depthwise_conv2d(x, w, padding=15)
+    assert calls == ["fft", "fft"]
+    with pytest.raises(InvalidInputError):
+        with ops.force_impl("nope"):
+            pass
+
+
+def test_autotune_caches_a_choice():
+    ops.set_autotune(True)
+    try:
+        x, w = torch.randn(2, 4, 16, 16), torch.randn(4, 1, 9, 9)
+        depthwise_conv2d(x, w, padding=4)
+        assert len(dw._AUTOTUNE_CACHE) == 1 and next(iter(dw._AUTOTUNE_CACHE.values())) in dw.IMPLS
+    finally:
+        ops.set_autotune(False)
+    assert not dw._AUTOTUNE_CACHE
+
+
+def test_module_keys_lock_and_state():
+    m = DepthwiseConv2d(6, 13, bias=True)
+    plain = torch.nn.Conv2d(6, 6, 13, padding=6, groups=6)
+    assert m.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 6, 20, 20)
+    m(x).sum().backward()
+    assert m.locked_impl in dw.IMPLS
+    net = torch.nn.Sequential(m, DepthwiseConv2d(6, 3))
+    state = ops.conv_impl_state(net)
+    assert state == {"0": m.locked_impl}
+    fresh = torch.nn.Sequential(DepthwiseConv2d(6, 13, bias=True), DepthwiseConv2d(6, 3))
+    ops.load_conv_impl_state(fresh, state)
+    assert fresh[0].locked_impl == m.locked_impl
+    ops.set_conv_impl(fresh, "native")
+    assert fresh[0].impl == "native" and fresh[0].locked_impl is None
+
+
+@pytest.mark.parametrize("impl", ["native", "channels_last", "fft"])
+def test_model_outputs_identical_across_impls(impl):
+    m = randomize_(UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                               kernel_sizes=((3,), (13,), (17,), (11,)), num_classes=5), 3).eval()
+    x = torch.randn(2, 3, 61, 45)
+    with torch.no_grad():
+        ref = m.set_conv_impl("native")(x)
+        out = m.set_conv_impl(impl)(x)
+        m.reparameterize()
+        dep = m(x)
+    assert max_rel_err(out, ref) <= 1e-4 and max_rel_err(dep, ref) <= 1e-4

@@ -1,0 +1,39 @@
+"""Fast large-kernel depthwise convolution (CPU now, GPU when present): implementations and dispatch.
+
+Layers call :func:`depthwise_conv2d` or use :class:`DepthwiseConv2d` (a drop-in ``nn.Conv2d`` with the
+same state-dict keys); they never call an implementation directly.
+"""
+
+from .depthwise import (
+    IMPLS,
+    DepthwiseConv2d,
+    available_impls,
+    choose_impl,
+    conv_impl_state,
+    crop_kernel_to_reach,
+    depthwise_conv2d,
+    estimate_cost_ms,
+    force_impl,
+    load_conv_impl_state,
+    resolve_impl,
+    set_autotune,
+    set_conv_impl,
+)
+from .fft import fft_depthwise_conv2d
+
+__all__ = [
+    "IMPLS",
+    "DepthwiseConv2d",
+    "available_impls",
+    "choose_impl",
+    "conv_impl_state",
+    "crop_kernel_to_reach",
+    "depthwise_conv2d",
+    "estimate_cost_ms",
+    "fft_depthwise_conv2d",
+    "force_impl",
+    "load_conv_impl_state",
+    "resolve_impl",
+    "set_autotune",
+    "set_conv_impl",
+]

@@ -1,0 +1,436 @@
+"""Large-kernel depthwise convolution: several exact implementations and a dispatch that picks one.
+
+Every implementation computes ``F.conv2d(x, weight, bias, stride=1, padding, dilation, groups=C)`` for a
+depthwise weight ``[C, 1, kh, kw]`` (rectangular and dilated kernels included) and is differentiable:
+
+* ``native``: PyTorch's own convolution, as called (the reference).
+* ``channels_last``: oneDNN's direct NHWC kernel; a 13×13 kernel is zero-padded to 15×15 there (oneDNN's
+  13×13 NHWC path is twice as slow as its 15×15 one, for the same output).
+* ``blocked``: oneDNN on its 16-channel blocked layout (inference only, float32, CPU).
+* ``fft``: real 2-D FFTs (:mod:`uniperception.ops.fft`), whose cost does not grow with the kernel.
+* ``triton``: a Triton GPU kernel (:mod:`uniperception.ops.triton_dw`), imported only on CUDA.
+
+Before any implementation runs, the kernel is **cropped to the taps that can reach the image** (for a
+51×51 kernel on a 7×7 map, only the central 13×13 ever touches a pixel). That is exact, keeps gradients
+(taps that never touch the image get zero gradient, as in PyTorch), and is what makes very large kernels
+on small maps cheap for every implementation, backward included.
+
+``impl="auto"`` asks :func:`choose_impl`, a small cost model seeded with measurements on a 2-core x86 CPU
+(see ``docs/benchmarks.md``), optionally refined by timing the candidates once per shape
+(:func:`set_autotune`, like ``cudnn.benchmark``). The choice can be forced per call (``impl=``), per
+model (``model.set_conv_impl``) or globally with the environment variable ``UNIPERCEPTION_CONV_IMPL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import InvalidInputError
+from .fft import fft_depthwise_conv2d, fft_size
+
+__all__ = [
+    "IMPLS",
+    "DepthwiseConv2d",
+    "available_impls",
+    "choose_impl",
+    "conv_impl_state",
+    "crop_kernel_to_reach",
+    "depthwise_conv2d",
+    "load_conv_impl_state",
+    "resolve_impl",
+    "set_autotune",
+    "set_conv_impl",
+]
+
+logger = logging.getLogger(__name__)
+
+IMPLS: tuple[str, ...] = ("native", "channels_last", "blocked", "fft", "triton")
+ENV_VAR = "UNIPERCEPTION_CONV_IMPL"
+
+Impl = Callable[[Tensor, Tensor, Tensor | None, tuple[int, int], tuple[int, int]], Tensor]
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+# ------------------------------------------------------------------------------------------------ impls
+def _native(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+
+
+def _channels_last(
+    x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
+) -> Tensor:
+    if x.device.type == "cpu" and tuple(w.shape[-2:]) == (13, 13) and dilation == (1, 1):
+        w = F.pad(w, (1, 1, 1, 1))
+        padding = (padding[0] + 1, padding[1] + 1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+
+
+def _blocked(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        raise InvalidInputError("impl='blocked' is inference-only (oneDNN blocked tensors have no autograd)")
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise InvalidInputError("impl='blocked' needs float32 tensors on the CPU")
+    y = torch.mkldnn_convolution(x.contiguous().to_mkldnn(), w.contiguous(), b, padding, (1, 1), dilation, x.shape[1])
+    return y.to_dense()
+
+
+def _fft(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    return fft_depthwise_conv2d(x, w, b, padding, dilation)
+
+
+def _triton(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    from .triton_dw import triton_depthwise_conv2d  # only ever imported when asked for
+
+    return triton_depthwise_conv2d(x, w, b, padding, dilation)
+
+
+_IMPL_FNS: dict[str, Impl] = {
+    "native": _native,
+    "channels_last": _channels_last,
+    "blocked": _blocked,
+    "fft": _fft,
+    "triton": _triton,
+}
+
+
+@functools.cache
+def _triton_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_impls(device: torch.device | str = "cpu", training: bool = False) -> list[str]:
+    """Implementations usable for tensors on ``device`` (``training``: that support autograd)."""
+    dev = torch.device(device)
+    out = ["native", "channels_last", "fft"]
+    if dev.type == "cpu" and not training:
+        out.append("blocked")
+    if dev.type == "cuda" and _triton_available():
+        out.append("triton")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cropping
+def _reach(size: int, k: int, pad: int, dil: int) -> tuple[int, int]:
+    """First and last tap index (along one axis) that touches the input for some output position."""
+    out = size + 2 * pad - dil * (k - 1)
+    lo = max(0, math.ceil((pad - (out - 1)) / dil))
+    hi = min(k - 1, (pad + size - 1) // dil)
+    return lo, hi
+
+
+def crop_kernel_to_reach(
+    weight: Tensor, size: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[Tensor, tuple[int, int]]:
+    """Drop kernel taps that never touch the input; returns ``(weight', padding')`` with the same output.
+
+    Exact for stride 1 (outputs unchanged, gradients of the dropped taps are zero as in PyTorch).
+    """
+    kh, kw = weight.shape[-2:]
+    # crop the same number of taps on both sides: symmetric padding must stay symmetric
+    ch = _symmetric_crop(size[0], kh, padding[0], dilation[0])
+    cw = _symmetric_crop(size[1], kw, padding[1], dilation[1])
+    if ch == 0 and cw == 0:
+        return weight, padding
+    return (
+        weight[..., ch : kh - ch, cw : kw - cw],
+        (padding[0] - ch * dilation[0], padding[1] - cw * dilation[1]),
+    )
+
+
+def _symmetric_crop(size: int, k: int, pad: int, dil: int) -> int:
+    lo, hi = _reach(size, k, pad, dil)
+    if hi < lo:
+        return 0
+    crop = min(lo, k - 1 - hi)
+    return crop if pad - crop * dil >= 0 else 0
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+_state = threading.local()
+_AUTOTUNE = {"enabled": os.environ.get("UNIPERCEPTION_CONV_AUTOTUNE", "0") == "1"}
+_AUTOTUNE_CACHE: dict[tuple, str] = {}
+
+# Cost model (milliseconds) seeded with measurements on a 2-core x86_64 CPU, torch 2.14, float32:
+# direct channels-last ≈ MACs over in-image taps at ~60 GMAC/s (+ a slow weight-gradient im2col in
+# training that visits every tap); FFT ≈ N·log2(N) per channel-plane, forward ≈ 1/3 of forward+backward.
+_DIRECT_MS_PER_MAC = 1.7e-8
+_DIRECT_TRAIN_FACTOR = 3.0
+_DIRECT_WGRAD_MS_PER_MAC = 1.2e-8
+_FFT_MS_PER_UNIT = 4.5e-7
+_FFT_TRAIN_FACTOR = 2.5
+_CALL_OVERHEAD_MS = {"channels_last": 0.02, "fft": 0.15}
+
+
+def _taps(size: int, k: int, pad: int, dil: int) -> int:
+    """Number of (output position, tap) pairs along one axis whose input index is inside the image."""
+    out = size + 2 * pad - dil * (k - 1)
+    total = 0
+    for j in range(k):
+        lo = max(0, pad - j * dil)
+        hi = min(out - 1, size - 1 + pad - j * dil)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def estimate_cost_ms(
+    impl: str, x_shape: tuple[int, ...], k_shape: tuple[int, int], padding: tuple[int, int], training: bool
+) -> float:
+    """The cost model's estimate for one call (after cropping), in milliseconds on the reference CPU."""
+    b, c, h, w = x_shape
+    kh, kw = k_shape
+    ph, pw = padding
+    if impl in ("channels_last", "native", "blocked"):
+        macs = b * c * _taps(h, kh, ph, 1) * _taps(w, kw, pw, 1)
+        cost = macs * _DIRECT_MS_PER_MAC
+        if training:
+            cost = cost * _DIRECT_TRAIN_FACTOR + b * c * (h + 2 * ph) * (w + 2 * pw) * kh * kw * _DIRECT_WGRAD_MS_PER_MAC
+        if impl == "native" and (kh, kw) != (3, 3):
+            cost *= 2.0
+        return cost + _CALL_OVERHEAD_MS.get(impl, 0.0)
+    if impl == "fft":
+        s0, s1 = fft_size(max(h + ph, kh)), fft_size(max(w + pw, kw))
+        n = s0 * s1
+        cost = b * c * n * math.log2(max(n, 2)) * _FFT_MS_PER_UNIT / 8
+        return cost * (_FFT_TRAIN_FACTOR if training else 1.0) + _CALL_OVERHEAD_MS["fft"]
+    return math.inf
+
+
+def choose_impl(
+    x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int], training: bool
+) -> str:
+    """Pick the fastest correct implementation for these tensors (after kernel cropping).
+
+    Order of precedence: a forced implementation (:func:`force_impl` context or ``UNIPERCEPTION_CONV_IMPL``),
+    then the autotune cache (when enabled), then the cost model.
+    """
+    forced = getattr(_state, "forced", None) or os.environ.get(ENV_VAR) or None
+    if forced and forced != "auto":
+        return forced
+    if x.device.type == "cuda":
+        kh, kw = weight.shape[-2:]
+        return "triton" if _triton_available() and max(kh, kw) >= 7 and x.dtype != torch.float64 else "native"
+    if x.device.type != "cpu":
+        return "native"
+    key = (tuple(x.shape), tuple(weight.shape), padding, dilation, x.dtype, training)
+    if _AUTOTUNE["enabled"]:
+        if key not in _AUTOTUNE_CACHE:
+            _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
+        return _AUTOTUNE_CACHE[key]
+    kh, kw = weight.shape[-2:]
+    ekh, ekw = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    if max(ekh, ekw) <= 7 and not training:
+        return "channels_last"
+    shape = tuple(x.shape)
+    costs = {
+        impl: estimate_cost_ms(impl, shape, (ekh, ekw), padding, training) for impl in ("channels_last", "fft")
+    }
+    return min(costs, key=costs.__getitem__)
+
+
+def _autotune(x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int], training: bool) -> str:
+    candidates = available_impls(x.device, training)
+    best, best_t = "native", math.inf
+    xs = x.detach().clone().requires_grad_(training)
+    ws = weight.detach().clone().requires_grad_(training)
+    for impl in candidates:
+        try:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(training):
+                    y = _IMPL_FNS[impl](xs, ws, None, padding, dilation)
+                    if training:
+                        y.backward(torch.ones_like(y))
+                times.append(time.perf_counter() - t0)
+            t = sorted(times)[1]
+        except (InvalidInputError, RuntimeError):
+            continue
+        if t < best_t:
+            best, best_t = impl, t
+    logger.debug("autotune %s -> %s (%.2f ms)", tuple(x.shape), best, best_t * 1e3)
+    return best
+
+
+def set_autotune(enabled: bool = True) -> None:
+    """Time candidate implementations once per shape and cache the fastest (non-deterministic choice)."""
+    _AUTOTUNE["enabled"] = enabled
+    _AUTOTUNE_CACHE.clear()
+
+
+@contextlib.contextmanager
+def force_impl(impl: str | None) -> Iterator[None]:
+    """Within the block every ``impl="auto"`` call uses ``impl`` (``None``/``"auto"``: no forcing)."""
+    if impl is not None and impl != "auto" and impl not in IMPLS:
+        raise InvalidInputError(f"unknown convolution implementation {impl!r}; choose from {IMPLS}")
+    old = getattr(_state, "forced", None)
+    _state.forced = None if impl == "auto" else impl
+    try:
+        yield
+    finally:
+        _state.forced = old
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def depthwise_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    impl: str = "auto",
+) -> Tensor:
+    """Depthwise 2-D convolution (``groups = channels``) through the fastest exact implementation.
+
+    Args:
+        x: ``B×C×H×W`` input.
+        weight: ``C×1×kh×kw`` kernel (any sizes, square or rectangular).
+        bias: optional ``C`` bias.
+        stride: only 1 uses the fast paths; other strides run ``native``.
+        padding: int, ``(ph, pw)`` or ``"same"`` (odd effective kernel sizes).
+        dilation: int or pair.
+        impl: ``"auto"`` or one of :data:`IMPLS`.
+
+    Returns:
+        The same values as ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` (float32
+        ≤1e-4 relative, bfloat16 ≤2e-2 relative), in ``x``'s dtype.
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        raise InvalidInputError(f"expected 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    c = x.shape[1]
+    if weight.shape[0] != c or weight.shape[1] != 1:
+        raise InvalidInputError(f"depthwise weight must be [{c}, 1, kh, kw], got {tuple(weight.shape)}")
+    stride, dilation = _pair(stride), _pair(dilation)
+    kh, kw = weight.shape[-2:]
+    if isinstance(padding, str):
+        if padding != "same":
+            raise InvalidInputError(f"padding must be an int, a pair or 'same', got {padding!r}")
+        eh, ew = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+        if eh % 2 or ew % 2:
+            raise InvalidInputError("padding='same' needs odd effective kernel sizes")
+        padding = (eh // 2, ew // 2)
+    padding = _pair(padding)
+    if impl != "auto" and impl not in IMPLS:
+        raise InvalidInputError(f"unknown convolution implementation {impl!r}; choose from {IMPLS}")
+    if stride != (1, 1) or _is_tracing():
+        # strided convs, and graphs being traced/exported/compiled, use the standard op: exported
+        # graphs then hold a plain convolution every runtime (ONNX, torch.export, TorchScript) knows
+        return F.conv2d(x, weight, bias, stride, padding, dilation, c)
+    weight, padding = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
+    chosen = impl if impl != "auto" else choose_impl(x, weight, padding, dilation, _needs_grad(x, weight, bias))
+    if chosen not in _IMPL_FNS:
+        raise InvalidInputError(f"unknown convolution implementation {chosen!r}; choose from {IMPLS}")
+    return _IMPL_FNS[chosen](x, weight, bias, padding, dilation)
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def _needs_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def resolve_impl(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
+) -> str:
+    """The implementation ``impl="auto"`` would run for these arguments (stride 1)."""
+    w, p = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
+    return choose_impl(x, w, p, dilation, _needs_grad(x, weight, bias))
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A stride-1 depthwise ``nn.Conv2d`` (same keys: ``weight``, ``bias``) that runs through the dispatch.
+
+    ``impl`` is ``"auto"`` or one of :data:`IMPLS`. In training the automatic choice is made at the first
+    training step and then kept (``locked_impl``), so a run is reproducible step to step; trainers save and
+    restore it with :func:`conv_impl_state` / :func:`load_conv_impl_state` to make resume bit-identical.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | tuple[int, int],
+        padding: int | tuple[int, int] | str = "same",
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        kh, kw = _pair(kernel_size)
+        dh, dw = _pair(dilation)
+        if padding == "same":
+            padding = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        super().__init__(
+            channels, channels, (kh, kw), stride=1, padding=_pair(padding), dilation=(dh, dw),  # type: ignore[arg-type]
+            groups=channels, bias=bias, device=device, dtype=dtype,
+        )
+        if impl != "auto" and impl not in IMPLS:
+            raise InvalidInputError(f"unknown convolution implementation {impl!r}; choose from {IMPLS}")
+        self.impl = impl
+        self.locked_impl: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        impl = self.impl
+        if impl == "auto" and self.training and torch.is_grad_enabled() and not _is_tracing():
+            if self.locked_impl is None:
+                self.locked_impl = resolve_impl(x, self.weight, self.bias, self.padding, self.dilation)  # type: ignore[arg-type]
+            impl = self.locked_impl
+        return depthwise_conv2d(x, self.weight, self.bias, 1, self.padding, self.dilation, impl=impl)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl!r}"
+
+
+def set_conv_impl(model: nn.Module, impl: str = "auto") -> nn.Module:
+    """Use ``impl`` for every :class:`DepthwiseConv2d` in ``model`` (and forget locked choices)."""
+    if impl != "auto" and impl not in IMPLS:
+        raise InvalidInputError(f"unknown convolution implementation {impl!r}; choose from {IMPLS}")
+    for m in model.modules():
+        if isinstance(m, DepthwiseConv2d):
+            m.impl = impl
+            m.locked_impl = None
+    return model
+
+
+def conv_impl_state(model: nn.Module) -> dict[str, str]:
+    """Module name → implementation locked during training (to store beside a training checkpoint)."""
+    return {n: m.locked_impl for n, m in model.named_modules() if isinstance(m, DepthwiseConv2d) and m.locked_impl}
+
+
+def load_conv_impl_state(model: nn.Module, state: dict[str, str]) -> None:
+    """Restore the choices saved by :func:`conv_impl_state` (unknown names are ignored)."""
+    mods = dict(model.named_modules())
+    for name, impl in state.items():
+        m = mods.get(name)
+        if isinstance(m, DepthwiseConv2d):
+            if impl not in IMPLS:
+                raise InvalidInputError(f"unknown convolution implementation {impl!r} for {name}")
+            m.locked_impl = impl
