@@ -253,3 +253,33 @@ def test_no_print_in_construction_or_reparam(capsys):
     m.reparameterize()
     UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((13,), (3,), (13,), (0,)), deploy=True)
     assert capsys.readouterr().out == ""
+
+
+def test_grn_channels_first_equals_official_nhwc():
+    grn = GRN(12)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 12, 9, 7)
+    nhwc = grn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    gx = torch.linalg.vector_norm(x.permute(0, 2, 3, 1), dim=(1, 2), keepdim=True)  # official formula
+    nx = gx / (gx.mean(-1, keepdim=True) + 1e-6)
+    ref = ((grn.gamma * nx + 1) * x.permute(0, 2, 3, 1) + grn.beta).permute(0, 3, 1, 2)
+    torch.testing.assert_close(nhwc, ref, atol=1e-5, rtol=1e-5)
+    for xf in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(grn.forward_channels_first(xf), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layouts_and_inference_fast_path_agree(official_a):
+    """channels-last vs NCHW, autograd vs inference (fused oneDNN) paths: the same logits."""
+    train_sd, _, io = official_a
+    m = up.create_model("unireplknet_a").eval()
+    load_official(m, train_sd)
+    x = io["input"][:1, :, :97, :129]
+    ref = m(x).detach()  # grad enabled: eager, non-fused path
+    with torch.no_grad():
+        fast = m(x)
+        m.channels_last = False
+        nchw = m(x)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(nchw, ref, atol=1e-4, rtol=1e-4)

@@ -174,15 +174,17 @@ _state = threading.local()
 _AUTOTUNE = {"enabled": os.environ.get("UNIPERCEPTION_CONV_AUTOTUNE", "0") == "1"}
 _AUTOTUNE_CACHE: dict[tuple, str] = {}
 
-# Cost model (milliseconds) seeded with measurements on a 2-core x86_64 CPU, torch 2.14, float32:
-# direct channels-last ≈ MACs over in-image taps at ~60 GMAC/s (+ a slow weight-gradient im2col in
-# training that visits every tap); FFT ≈ N·log2(N) per channel-plane, forward ≈ 1/3 of forward+backward.
+# Cost model (milliseconds), fitted to measurements on a 2-core x86_64 CPU, torch 2.14, float32, batch 32
+# at UniRepLKNet stage shapes (``benchmarks/lk_conv.py --calibrate`` prints the data):
+# * direct channels-last forward ≈ MACs over in-image taps at ~60 GMAC/s;
+# * its backward adds ~2 forwards plus a weight gradient that PyTorch computes by im2col over every
+#   (output, tap) pair, whose cost per MAC grows with the kernel area (the im2col buffer leaves the caches);
+# * FFT ≈ N·log2(N) per channel plane (N = FFT grid area) plus a fixed cost per plane; backward ≈ 2 forwards.
 _DIRECT_MS_PER_MAC = 1.7e-8
-_DIRECT_TRAIN_FACTOR = 3.0
-_DIRECT_WGRAD_MS_PER_MAC = 1.2e-8
-_FFT_MS_PER_UNIT = 4.5e-7
-_FFT_TRAIN_FACTOR = 2.5
-_CALL_OVERHEAD_MS = {"channels_last": 0.02, "fft": 0.15}
+_DIRECT_WGRAD_MS_PER_MAC_K7 = 7e-8
+_DIRECT_WGRAD_AREA_EXPONENT = 0.9
+_FFT_MS_PER_UNIT = {False: 3.3e-7, True: 9e-7}
+_FFT_MS_PER_PLANE = {False: 1e-4, True: 3e-4}
 
 
 def _taps(size: int, k: int, pad: int, dil: int) -> int:
@@ -199,23 +201,27 @@ def _taps(size: int, k: int, pad: int, dil: int) -> int:
 def estimate_cost_ms(
     impl: str, x_shape: tuple[int, ...], k_shape: tuple[int, int], padding: tuple[int, int], training: bool
 ) -> float:
-    """The cost model's estimate for one call (after cropping), in milliseconds on the reference CPU."""
+    """The cost model's estimate for one call (after cropping), in milliseconds on the reference CPU.
+
+    ``training`` means forward + backward (input and weight gradients).
+    """
     b, c, h, w = x_shape
     kh, kw = k_shape
     ph, pw = padding
+    planes = b * c
     if impl in ("channels_last", "native", "blocked"):
-        macs = b * c * _taps(h, kh, ph, 1) * _taps(w, kw, pw, 1)
-        cost = macs * _DIRECT_MS_PER_MAC
-        if training:
-            cost = cost * _DIRECT_TRAIN_FACTOR + b * c * (h + 2 * ph) * (w + 2 * pw) * kh * kw * _DIRECT_WGRAD_MS_PER_MAC
+        fwd = planes * _taps(h, kh, ph, 1) * _taps(w, kw, pw, 1) * _DIRECT_MS_PER_MAC
         if impl == "native" and (kh, kw) != (3, 3):
-            cost *= 2.0
-        return cost + _CALL_OVERHEAD_MS.get(impl, 0.0)
+            fwd *= 2.0
+        if not training:
+            return fwd
+        oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+        per_mac = _DIRECT_WGRAD_MS_PER_MAC_K7 * (kh * kw / 49) ** _DIRECT_WGRAD_AREA_EXPONENT
+        return 3 * fwd + planes * oh * ow * kh * kw * per_mac
     if impl == "fft":
         s0, s1 = fft_size(max(h + ph, kh)), fft_size(max(w + pw, kw))
         n = s0 * s1
-        cost = b * c * n * math.log2(max(n, 2)) * _FFT_MS_PER_UNIT / 8
-        return cost * (_FFT_TRAIN_FACTOR if training else 1.0) + _CALL_OVERHEAD_MS["fft"]
+        return planes * (n * math.log2(max(n, 2)) * _FFT_MS_PER_UNIT[training] + _FFT_MS_PER_PLANE[training])
     return math.inf
 
 
