@@ -55,3 +55,12 @@ def test_convert_to_deploy_safetensors(tmp_path):
         torch.testing.assert_close(dep(x), m(x), atol=1e-4, rtol=1e-4)
     res = runner.invoke(app, ["convert", str(tmp_path / "missing.pth"), str(dst)])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_benchmark_command_small():
+    res = runner.invoke(app, ["benchmark", "--batch", "1", "--size", "48", "--repeats", "1", "--impl", "native",
+                              "--impl", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "deploy/auto" in res.output and "speed-up" in res.output
+    res = runner.invoke(app, ["benchmark", "--batch", "1", "--size", "48", "--repeats", "1", "--mode", "sideways"])
+    assert res.exit_code == 2 and "mode" in res.output

@@ -170,7 +170,11 @@ _CONVERTERS: dict[type[nn.Module], Converter] = {}
 
 
 def register_converter(cls: type[nn.Module]) -> Callable[[Converter], Converter]:
-    """Register the function that turns an official state dict into one ``cls`` loads by key."""
+    """Register the function that turns an official state dict into one ``cls`` loads by key.
+
+    An architecture may instead define a static method ``convert_official_state_dict(sd, model, report,
+    adapt_head, strict) -> Conversion`` on its class (keeps the conversion in the architecture's file).
+    """
 
     def wrap(fn: Converter) -> Converter:
         _CONVERTERS[cls] = fn
@@ -249,6 +253,15 @@ def convert_unireplknet(
     return Conversion(sd)
 
 
+def _find_converter(model: nn.Module) -> Converter | None:
+    """The converter registered for ``model``'s class, or its ``convert_official_state_dict`` static method."""
+    for cls, conv in _CONVERTERS.items():
+        if isinstance(model, cls):
+            return conv
+    own = getattr(type(model), "convert_official_state_dict", None)
+    return own if callable(own) else None
+
+
 # ------------------------------------------------------------------------------------------------ loading
 def load_official(
     model: nn.Module,
@@ -275,10 +288,9 @@ def load_official(
     sd, notes = unwrap_state_dict(obj)
     report.converted.extend(notes)
     conversion = Conversion(sd)
-    for cls, conv in _CONVERTERS.items():
-        if isinstance(model, cls):
-            conversion = conv(sd, model, report, adapt_head, strict)
-            break
+    converter = _find_converter(model)
+    if converter is not None:
+        conversion = converter(sd, model, report, adapt_head, strict)
     sd = conversion.state_dict
     target = conversion.expected if conversion.expected is not None else _shapes(model)
     for k, v in sd.items():

@@ -105,6 +105,34 @@ def convert(
     console.print(f"wrote {dst} ({'deploy' if deploy else 'training'} form)")
 
 
+@app.command()
+def benchmark(
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "unireplknet_a",
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 224,
+    mode: Annotated[str, typer.Option(help="'inference' or 'training' (forward+backward+AdamW).")] = "inference",
+    impl: Annotated[list[str] | None, typer.Option(help="Conv implementations to compare (repeatable).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed rounds (median reported).")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+) -> None:
+    """Time a model's training and deploy forms with different convolution engines, side by side."""
+    from .benchmark import benchmark_model
+
+    impls = impl or ["native", "auto"]
+    try:
+        results = benchmark_model(model, batch, size, impls=impls, mode=mode, repeats=repeats, threads=threads)
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    ref = results[0].median_ms
+    t = Table(title=f"{model}, {mode}, batch {batch} at {size}², {threads} threads, median of {repeats}")
+    for col in ("form / conv impl", "ms", "images / s", f"speed-up vs {results[0].config}"):
+        t.add_column(col, justify="right")
+    for r in results:
+        t.add_row(r.config, f"{r.median_ms:.1f}", f"{r.images_per_s:.1f}", f"{ref / r.median_ms:.2f}x")
+    console.print(t)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
