@@ -17,11 +17,14 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .layers.reparam import reparameterize
+from .perceiver import Perceiver, Prediction
 
 __all__ = [
     "CheckpointError",
     "InvalidInputError",
     "ModalityMismatchError",
+    "Perceiver",
+    "Prediction",
     "UniperceptionError",
     "UnknownModelError",
     "UnsupportedFormatError",

@@ -274,6 +274,15 @@ class UniRepLKNet(nn.Module):
         set_conv_impl(self, impl)
         return self
 
+    def remove_head(self) -> UniRepLKNet:
+        """Drop the pooled LayerNorm and the classifier, for use under an external head (e.g. a Perceiver's)."""
+        if not self.features_only:
+            self.norm = nn.Identity()
+            self.head = nn.Identity()
+            self.num_classes = 0
+            self.init_kwargs["num_classes"] = 0
+        return self
+
     @property
     def is_deploy(self) -> bool:
         """True when every block is in the re-parameterised form."""
@@ -333,7 +342,8 @@ def _create(
     cfg = next((c for c in cfgs if c.tag == pretrained_tag), cfgs[0]) if pretrained_tag else cfgs[0]
     if pretrained and "num_classes" not in kwargs and not kwargs.get("features_only", False):
         kwargs["num_classes"] = cfg.num_classes
-    model = UniRepLKNet(depths=depths, dims=dims, **kwargs)
+    # depths/dims may be overridden (timm's model_args style) for custom sizes of a named family
+    model = UniRepLKNet(depths=kwargs.pop("depths", depths), dims=kwargs.pop("dims", dims), **kwargs)
     model.pretrained_cfg = cfg  # type: ignore[assignment]
     if pretrained:
         load_pretrained(model, cfg, pretrained, name=name)
