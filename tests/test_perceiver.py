@@ -88,7 +88,7 @@ def test_broken_bundles_raise_checkpoint_error(perceiver, tmp_path):
     sd = load_file(str(d / "model.safetensors"))
     sd["head.fc.weight"] = sd["head.fc.weight"][:3]
     save_file(sd, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="head.fc.weight"):
+    with pytest.raises(CheckpointError, match=r"head\.fc\.weight"):
         Perceiver.from_pretrained(d)
     del sd["head.fc.weight"]
     save_file(sd, str(d / "model.safetensors"))
@@ -98,7 +98,7 @@ def test_broken_bundles_raise_checkpoint_error(perceiver, tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         Perceiver.from_pretrained(d)
     (d / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         Perceiver.from_pretrained(d)
     with pytest.raises(CheckpointError, match="no bundle"):
         Perceiver.from_pretrained("no-such-bundle-name")
