@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "InvalidInputError",
     "ModalityMismatchError",
+    "TrainingError",
     "UniperceptionError",
     "UnknownModelError",
     "UnsupportedFormatError",
@@ -39,3 +40,7 @@ class CheckpointError(UniperceptionError):
 
 class ModalityMismatchError(UniperceptionError, TypeError):
     """A model was asked to handle a modality it was not built for."""
+
+
+class TrainingError(UniperceptionError):
+    """Training cannot go on (a non-finite loss, an unwritable output directory, a bad resume file)."""

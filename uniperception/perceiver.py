@@ -123,6 +123,14 @@ class Perceiver(nn.Module):
         """Processed pieces → the normalised pooled features the classifier sees ``[B, width]``."""
         return self.head.pre_logits(self.backbone.forward_features(self.adapter(batch)))
 
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The head's training loss (what :class:`uniperception.training.Trainer` minimises)."""
+        return self.head.loss(logits, target)
+
+    def metrics(self, logits: Tensor, target: Tensor) -> dict[str, float]:
+        """The head's metrics (accuracy…)."""
+        return self.head.metrics(logits, target)
+
     def reparameterize(self) -> Perceiver:
         """Convert the backbone to its deploy form in place (same outputs, faster)."""
         from .layers.reparam import reparameterize
