@@ -133,6 +133,26 @@ def benchmark(
     console.print(t)
 
 
+@app.command("export")
+def export_cmd(
+    target: Annotated[str, typer.Argument(help="Bundle directory/name or registered model name.")],
+    out: Annotated[Path, typer.Argument(help="Output file.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, pt2 or torchscript.")] = "onnx",
+    training_form: Annotated[bool, typer.Option(help="Export the training form instead of the deploy form.")] = False,
+) -> None:
+    """Export the re-parameterised network and verify the file against eager PyTorch."""
+    from .errors import UniperceptionError
+    from .export import export
+
+    try:
+        report = export(target, out, format=format, training_form=training_form)
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(report.summary())
+    console.print(f"processor settings and labels: {report.sidecar}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
