@@ -153,6 +153,112 @@ def export_cmd(
     console.print(f"processor settings and labels: {report.sidecar}")
 
 
+_EXTENSIONS = {
+    "audio": (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac"),
+    "video": (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v"),
+    "points": (".ply", ".pcd", ".xyz", ".off", ".obj", ".npy"),
+    "image": (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"),
+    "series": (".csv",),
+}
+_DEFAULT_BUNDLES = {"audio": "unireplknet-a-keywords", "points": "unireplknet-a-shapes", "video": "unireplknet-a-motion"}
+
+
+def modality_of(path: Path) -> str:
+    """The modality a file extension implies (raises ``InvalidInputError`` when unknown)."""
+    from .errors import InvalidInputError
+
+    ext = path.suffix.lower()
+    for modality, exts in _EXTENSIONS.items():
+        if ext in exts:
+            return modality
+    raise InvalidInputError(f"cannot tell the modality of {path.name!r} from its extension; pass --modality")
+
+
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="Input files (audio, video, point cloud, image).")],
+    model: Annotated[str | None, typer.Option(help="Bundle directory/name, or official model name.")] = None,
+    top_k: Annotated[int, typer.Option(help="Predictions per file.")] = 5,
+    modality: Annotated[str | None, typer.Option(help="Override the modality guessed from extensions.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Classify files with a bundle; the modality comes from the file type unless given."""
+    import json as _json
+
+    from .errors import UniperceptionError
+    from .perceiver import Perceiver
+
+    try:
+        mods = {modality or modality_of(f) for f in files}
+        if len(mods) != 1:
+            raise UniperceptionError(f"files of several modalities ({', '.join(sorted(mods))}); run them separately")
+        mod = mods.pop()
+        name = model or _DEFAULT_BUNDLES.get(mod)
+        if name is None:
+            raise UniperceptionError(f"no bundle ships for {mod!r} inputs; pass --model")
+        p = Perceiver.from_pretrained(name)
+        results = getattr(p, f"classify_{mod}")([str(f) for f in files], top_k=top_k)
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    if as_json:
+        out = [{"file": str(f), "predictions": [vars(pr) for pr in preds]} for f, preds in zip(files, results, strict=True)]
+        typer.echo(_json.dumps(out, indent=2))
+        return
+    for f, preds in zip(files, results, strict=True):
+        console.print(f"[bold]{f}[/bold]")
+        for pr in preds:
+            console.print(f"  {pr.score:6.3f}  {pr.label}")
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Option(help="Recipe name (shipped) or TOML file.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>/last.pt.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set train.epochs=3.")] = None,
+) -> None:
+    """Train a recipe and write a bundle with its model card (works under torchrun for DDP)."""
+    import sys
+
+    from .errors import UniperceptionError
+    from .training import run_recipe
+
+    try:
+        res = run_recipe(recipe, out, resume=resume, overrides=set_ or [], command="uniperception " + " ".join(sys.argv[1:]))
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"test metrics: {res.test_metrics}")
+    console.print(f"bundle written to {res.bundle} ({res.seconds / 60:.1f} min)")
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[str, typer.Argument(help="Bundle directory or name.")],
+    recipe: Annotated[str, typer.Option(help="Recipe whose [data] table defines the evaluation data.")],
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override recipe values.")] = None,
+) -> None:
+    """Evaluate a bundle on a recipe's dataset split."""
+    from .errors import UniperceptionError
+    from .perceiver import Perceiver
+    from .training import AdapterCollate, TrainConfig, Trainer, apply_overrides, build_dataset, load_recipe
+
+    try:
+        cfg = apply_overrides(load_recipe(recipe), set_ or [])
+        p = Perceiver.from_pretrained(bundle)
+        data = build_dataset(cfg["data"], split)
+        t = Trainer(p, data, None, TrainConfig(batch_size=cfg.get("train", {}).get("batch_size", 32), progress=False),
+                    collate_fn=AdapterCollate(p.adapter))
+        metrics = t.evaluate(data)
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    for k, v in metrics.items():
+        console.print(f"{k}: {v:.4f}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

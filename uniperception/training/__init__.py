@@ -3,14 +3,19 @@
 from .collate import AdapterCollate, default_unpack
 from .config import TrainConfig, load_recipe
 from .engine import Callback, Trainer, param_groups, seed_everything
+from .recipes import RecipeResult, apply_overrides, build_dataset, run_recipe
 
 __all__ = [
     "AdapterCollate",
     "Callback",
+    "RecipeResult",
     "TrainConfig",
     "Trainer",
+    "apply_overrides",
+    "build_dataset",
     "default_unpack",
     "load_recipe",
     "param_groups",
+    "run_recipe",
     "seed_everything",
 ]
