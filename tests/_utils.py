@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from uniperception.layers import GRN, UniRepLKNetBlock
+from uniperception.layers import GRN, SLaKBlock, UniRepLKNetBlock
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             m.gamma.copy_(rnd(m.gamma, 0.5))
             if m.beta is not None:
                 m.beta.copy_(rnd(m.beta, 0.3))
-        if isinstance(m, UniRepLKNetBlock) and m.gamma is not None:
+        if isinstance(m, (UniRepLKNetBlock, SLaKBlock)) and getattr(m, "gamma", None) is not None:
             sign = torch.where(torch.rand(m.gamma.shape, generator=g) < 0.3, -1.0, 1.0).to(m.gamma.dtype)
             m.gamma.copy_(unif(m.gamma, 0.2, 0.8) * sign)
     return model

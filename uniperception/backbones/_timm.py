@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from .registry import entrypoints
@@ -37,7 +38,11 @@ def _adapt(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         tag = getattr(cfg, "tag", None)
         if tag:
             kwargs["pretrained_tag"] = tag
-        return fn(pretrained=pretrained, **kwargs)
+        device = kwargs.pop("device", None)
+        if device is None:
+            return fn(pretrained=pretrained, **kwargs)
+        with torch.device(device):  # timm passes device=; our builders build under the device context
+            return fn(pretrained=pretrained, **kwargs)
 
     builder.__module__ = __name__
     return builder

@@ -11,17 +11,26 @@ from .reparam import (
     pad_kernel_to,
     reparameterize,
 )
+from .replknet_blocks import ConvBN, ConvFFN, ReparamLargeKernelConv, RepLKBlock, RepLKNetStage
+from .slak_blocks import SLaKBlock, SLaKLargeKernelConv
 from .unireplknet_block import SUPPORTED_KERNEL_SIZES, Permute, SEBlock, UniRepLKNetBlock
 
 __all__ = [
     "DILATED_BRANCHES",
     "GRN",
     "SUPPORTED_KERNEL_SIZES",
+    "ConvBN",
+    "ConvFFN",
     "DilatedReparamBlock",
     "DropPath",
     "LayerNorm2d",
     "Permute",
+    "RepLKBlock",
+    "RepLKNetStage",
+    "ReparamLargeKernelConv",
     "SEBlock",
+    "SLaKBlock",
+    "SLaKLargeKernelConv",
     "UniRepLKNetBlock",
     "dilate_kernel",
     "drop_path",
