@@ -16,11 +16,13 @@ from .errors import (
     UnknownModelError,
     UnsupportedFormatError,
 )
+from .forecasting import Forecaster
 from .layers.reparam import reparameterize
 from .perceiver import Perceiver, Prediction
 
 __all__ = [
     "CheckpointError",
+    "Forecaster",
     "InvalidInputError",
     "ModalityMismatchError",
     "Perceiver",

@@ -28,7 +28,7 @@ from .adapters.base import MODALITIES
 from .backbones import create_model, get_pretrained_cfg, is_model
 from .checkpoints import save_state_dict
 from .errors import CheckpointError, InvalidInputError, ModalityMismatchError
-from .heads import ClassificationHead, ClassificationHeadConfig
+from .heads import ClassificationHead, ClassificationHeadConfig, ForecastHead, ForecastHeadConfig
 
 __all__ = ["BUNDLE_DIR", "Perceiver", "Prediction"]
 
@@ -81,12 +81,22 @@ class Perceiver(nn.Module):
         adapter: ModalityAdapter | dict[str, Any] | None = None,
         head: ClassificationHeadConfig | dict[str, Any] | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        task: str = "classification",
+        horizon: int | None = None,
     ) -> None:
         super().__init__()
         if modality not in MODALITIES:
             raise InvalidInputError(f"unknown modality {modality!r}; choose from {MODALITIES}")
+        if task not in ("classification", "forecasting"):
+            raise InvalidInputError(f"task must be 'classification' or 'forecasting', got {task!r}")
+        if task == "forecasting" and (modality != "series" or not horizon or horizon < 1):
+            raise InvalidInputError("forecasting needs modality='series' and a positive horizon")
+        self.task = task
+        self.horizon = horizon if task == "forecasting" else None
         if not labels:
-            raise InvalidInputError("a Perceiver needs its label names (labels=[...])")
+            raise InvalidInputError(
+                "a Perceiver needs its label names (labels=[...]; for forecasting: the variable names)"
+            )
         if len(set(labels)) != len(labels):
             raise InvalidInputError("label names must be unique")
         self.modality = modality
@@ -107,21 +117,36 @@ class Perceiver(nn.Module):
                 raise InvalidInputError(f"backbone_kwargs may not set {k!r}: the Perceiver sets it")
         self.backbone = create_model(backbone, in_chans=self.adapter.out_channels, num_classes=0, **self.backbone_kwargs)
         self.backbone.remove_head()  # type: ignore[operator]
-        head_fields = dataclasses.asdict(head) if isinstance(head, ClassificationHeadConfig) else dict(head or {})
-        head_fields.update(
-            in_features=self.backbone.num_features, num_classes=len(self.labels), views=self.adapter.views
-        )
-        self.head = ClassificationHead(ClassificationHeadConfig(**head_fields))
+        head_fields = dict(head) if isinstance(head, dict) else (dataclasses.asdict(head) if head else {})
+        self.head: ClassificationHead | ForecastHead
+        if task == "forecasting":
+            cfg = self.adapter.config
+            if getattr(cfg, "num_variables", len(self.labels)) != len(self.labels):
+                raise InvalidInputError(f"{len(self.labels)} variable names for {cfg.num_variables} variables")
+            head_fields.update(in_features=self.backbone.num_features, horizon=horizon,
+                               num_variables=len(self.labels), lookback=cfg.lookback)
+            self.head = ForecastHead(ForecastHeadConfig(**head_fields))
+        else:
+            head_fields.update(
+                in_features=self.backbone.num_features, num_classes=len(self.labels), views=self.adapter.views
+            )
+            self.head = ClassificationHead(ClassificationHeadConfig(**head_fields))
         self.eval()
 
     # ------------------------------------------------------------------------------------------ model
     def forward(self, batch: Tensor) -> Tensor:
-        """Processed pieces ``[B, ...]`` → logits ``[B, num_classes]``."""
-        return self.head(self.backbone.forward_features(self.adapter(batch)))
+        """Processed pieces ``[B, ...]`` → logits ``[B, num_classes]`` (forecasting: ``[B, horizon, N]``)."""
+        maps = self.backbone.forward_features(self.adapter(batch))
+        if isinstance(self.head, ForecastHead):
+            return self.head(maps, batch)
+        return self.head(maps)
 
     def features(self, batch: Tensor) -> Tensor:
-        """Processed pieces → the normalised pooled features the classifier sees ``[B, width]``."""
-        return self.head.pre_logits(self.backbone.forward_features(self.adapter(batch)))
+        """Processed pieces → the normalised pooled features the head sees ``[B, width]``."""
+        maps = self.backbone.forward_features(self.adapter(batch))
+        if isinstance(self.head, ForecastHead):
+            return self.head.norm(maps.mean((-2, -1)))
+        return self.head.pre_logits(maps)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """The head's training loss (what :class:`uniperception.training.Trainer` minimises)."""
@@ -174,6 +199,8 @@ class Perceiver(nn.Module):
 
         Extra keyword arguments go to the adapter's processor (e.g. ``sample_rate=`` for raw audio arrays).
         """
+        if self.task != "classification":
+            raise InvalidInputError("this is a forecasting model: use forecast(df, horizon)")
         single = not isinstance(x, (list, tuple))
         inputs = [x] if single else list(x)
         if not inputs:
@@ -215,6 +242,31 @@ class Perceiver(nn.Module):
         return self.classify(x, top_k)
 
     @torch.inference_mode()
+    def forecast(self, df: Any, horizon: int | None = None) -> Any:
+        """Forecast the ``horizon`` steps after the end of ``df`` (a DataFrame indexed by time).
+
+        Returns a DataFrame indexed by the future timestamps, one column per variable. A horizon longer than
+        the trained head raises ``InvalidInputError``; a shorter one is a truncation.
+        """
+        import pandas as pd
+
+        from .adapters.series import denormalize
+
+        if self.task != "forecasting":
+            raise ModalityMismatchError(f"this model classifies {self.modality!r} inputs; it does not forecast")
+        h = self.horizon if horizon is None else int(horizon)
+        if h < 1 or h > self.horizon:  # type: ignore[operator]
+            raise InvalidInputError(f"horizon must be between 1 and the trained horizon {self.horizon}, got {h}")
+        was = self.training
+        self.eval()
+        window, stats = self.adapter.preprocess(df, return_stats=True)
+        pred = self(window[-1:].to(self.device)).cpu()
+        self.train(was)
+        values = denormalize(pred, type(stats)(stats.mean[-1:], stats.std[-1:]))[0, :h].numpy()
+        index = future_index(df, h)
+        return pd.DataFrame(values, index=index, columns=self.labels)
+
+    @torch.inference_mode()
     def embed(self, x: Any, **kwargs: Any) -> Tensor:
         """Feature vector(s) for retrieval: ``[width]`` for one input, ``[N, width]`` for a list."""
         single = not isinstance(x, (list, tuple))
@@ -232,7 +284,8 @@ class Perceiver(nn.Module):
         return {
             "format_version": FORMAT_VERSION,
             "uniperception_version": __version__,
-            "task": "classification",
+            "task": self.task,
+            "horizon": self.horizon,
             "modality": self.modality,
             "labels": self.labels,
             "backbone": {"name": self.backbone_name, "kwargs": kwargs},
@@ -258,9 +311,11 @@ class Perceiver(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> Perceiver:
         """Build (untrained) from a ``config.json`` dict."""
         try:
-            if config.get("task", "classification") != "classification":
-                raise CheckpointError(f"unsupported task {config.get('task')!r} for a Perceiver")
-            head = {k: v for k, v in config["head"].items() if k not in ("in_features", "num_classes", "views")}
+            task = config.get("task", "classification")
+            if task not in ("classification", "forecasting"):
+                raise CheckpointError(f"unsupported task {task!r} for a Perceiver")
+            derived = ("in_features", "num_classes", "views", "horizon", "num_variables", "lookback")
+            head = {k: v for k, v in config["head"].items() if k not in derived}
             return cls(
                 config["modality"],
                 backbone=config["backbone"]["name"],
@@ -268,6 +323,8 @@ class Perceiver(nn.Module):
                 adapter=config["adapter"],
                 head=head,
                 backbone_kwargs=config["backbone"].get("kwargs", {}),
+                task=task,
+                horizon=config.get("horizon"),
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"invalid bundle config (missing or malformed field {e})") from e
@@ -349,6 +406,23 @@ class Perceiver(nn.Module):
         p.backbone.load_state_dict(sd, strict=True)
         p.head.load_state_dict(head_sd, strict=True)
         return p.eval()
+
+
+def future_index(df: Any, steps: int) -> Any:
+    """The ``steps`` timestamps after the end of ``df``'s index (its frequency, else its last spacing)."""
+    import pandas as pd
+
+    idx = df.index if isinstance(df, (pd.DataFrame, pd.Series)) else None
+    if isinstance(idx, pd.PeriodIndex):
+        idx = idx.to_timestamp()
+    if not isinstance(idx, pd.DatetimeIndex) or len(idx) < 2:
+        start = len(df) if hasattr(df, "__len__") else 0
+        return pd.RangeIndex(start, start + steps)
+    freq = idx.freq or pd.infer_freq(idx)
+    if freq is not None:
+        return pd.date_range(idx[-1], periods=steps + 1, freq=freq)[1:]
+    step = idx[-1] - idx[-2]
+    return pd.DatetimeIndex([idx[-1] + step * (i + 1) for i in range(steps)])
 
 
 def _num_classes_in(path: Path) -> int:
