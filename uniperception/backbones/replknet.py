@@ -25,7 +25,7 @@ from ..errors import InvalidInputError
 from ..layers.dilated_reparam import make_batchnorm
 from ..layers.reparam import reparameterize as reparameterize_tree
 from ..layers.replknet_blocks import ConvBN, ReparamLargeKernelConv, RepLKNetStage
-from ..ops import set_conv_impl
+from .base import Backbone
 from .registry import PretrainedCfg, register_model
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ REPLKNET_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, 
 }
 
 
-class RepLKNet(nn.Module):
+class RepLKNet(Backbone):
     """RepLKNet backbone and classifier (official argument names).
 
     Args:
@@ -67,8 +67,6 @@ class RepLKNet(nn.Module):
         in_chans: alias of ``in_channels`` (every backbone of the package accepts it).
         with_cp: alias of ``use_checkpoint``.
     """
-
-    _reparameterize_walks_children = True
 
     def __init__(
         self,
@@ -175,22 +173,9 @@ class RepLKNet(nn.Module):
             self.head: nn.Module = nn.Linear(channels[-1], self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     # ----------------------------------------------------------------------------------------- forward
-    def _check_input(self, x: Tensor) -> None:
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if x.dim() != 4:
-                raise InvalidInputError(
-                    f"RepLKNet expects a 4-D tensor B×{self.in_chans}×H×W, got shape {tuple(x.shape)}"
-                )
-            if x.shape[1] != self.in_chans:
-                raise InvalidInputError(
-                    f"RepLKNet was built with in_channels={self.in_chans} but the input has {x.shape[1]} "
-                    "channels; build it with the right in_chans"
-                )
-
     def _stem(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._to_layout(x)
         for layer in self.stem:
             x = layer(x)
         return x
@@ -216,12 +201,9 @@ class RepLKNet(nn.Module):
                 x = self.transitions[i](x)
         return x
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """BN → global average pool → Linear; ``pre_logits=True`` stops before the Linear."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no head")
-        x = self.norm(x).mean((-2, -1))
-        return x if pre_logits else self.head(x)
+    def pool_and_norm(self, x: Tensor) -> Tensor:
+        """BN on the final map, then global average pool (the official head order)."""
+        return self.norm(x).mean((-2, -1))
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.features_only:
@@ -237,27 +219,6 @@ class RepLKNet(nn.Module):
         self.init_kwargs["use_checkpoint"] = enable
         for s in self.stages:
             s.use_checkpoint = enable  # type: ignore[assignment]
-
-    def get_classifier(self) -> nn.Module:
-        """The classification layer (``nn.Identity`` when ``num_classes == 0``)."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one of ``num_classes`` outputs (0 = none)."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no classifier")
-        self.num_classes = num_classes
-        ref = self.norm.weight
-        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
-        self.init_kwargs["num_classes"] = num_classes
-
-    def set_conv_impl(self, impl: str = "auto") -> RepLKNet:
-        """Run every large-kernel depthwise conv with ``impl`` (see :mod:`uniperception.ops`)."""
-        set_conv_impl(self, impl)
-        return self
 
     @property
     def is_deploy(self) -> bool:

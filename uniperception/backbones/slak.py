@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
 from ..layers.slak_blocks import FORMS, SLaKBlock, SLaKLargeKernelConv
-from ..ops import set_conv_impl
+from .base import Backbone
 from .registry import PretrainedCfg, register_model
 from .replknet import _adapt_head, _drop_classifier, convert_forms
 
@@ -45,7 +45,7 @@ SLAK_VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
-class SLaK(nn.Module):
+class SLaK(Backbone):
     """SLaK backbone and classifier (official argument names).
 
     Args:
@@ -69,8 +69,6 @@ class SLaK(nn.Module):
         with_cp: activation checkpointing in every block.
         LoRA: alias of ``Decom`` (the official detection copy's name).
     """
-
-    _reparameterize_walks_children = True
 
     def __init__(
         self,
@@ -158,6 +156,9 @@ class SLaK(nn.Module):
                     self.head.weight.mul_(head_init_scale)
                     self.head.bias.mul_(head_init_scale)
 
+    def _init_head(self, head: nn.Linear) -> None:
+        self._init_weights(head)
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -166,29 +167,11 @@ class SLaK(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ----------------------------------------------------------------------------------------- forward
-    def _check_input(self, x: Tensor, last_stage: int) -> None:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return
-        if x.dim() != 4:
-            raise InvalidInputError(f"SLaK expects a 4-D tensor B×{self.in_chans}×H×W, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise InvalidInputError(
-                f"SLaK was built with in_chans={self.in_chans} but the input has {x.shape[1]} channels; "
-                "build it with the right in_chans"
-            )
-        need = 4 * 2**last_stage
-        if min(x.shape[-2:]) < need:
-            raise InvalidInputError(
-                f"SLaK downsamples by {need} without padding up to stage {last_stage}; the input "
-                f"{tuple(x.shape[-2:])} must be at least {need}×{need} (resize or pad it)"
-            )
-
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """Stage outputs (before any norm) up to the last needed stage."""
         last = max(self.out_indices)
-        self._check_input(x, last)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        self._check_input(x, min_side=4 * 2**last)  # SLaK's downsampling convs have no padding
+        x = self._to_layout(x)
         outs = []
         for i in range(last + 1):
             x = self.stages[i](self.downsample_layers[i](x))
@@ -197,19 +180,11 @@ class SLaK(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The final feature map (``B × dims[-1] × ⌊H/32⌋ × ⌊W/32⌋``), before pooling and the final norm."""
-        self._check_input(x, 3)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        self._check_input(x, min_side=32)
+        x = self._to_layout(x)
         for i in range(4):
             x = self.stages[i](self.downsample_layers[i](x))
         return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global mean pool → LayerNorm → Linear; ``pre_logits=True`` stops before the Linear."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no head")
-        x = self.norm(x.mean((-2, -1)))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.features_only:
@@ -225,30 +200,6 @@ class SLaK(nn.Module):
         for m in self.modules():
             if isinstance(m, SLaKBlock):
                 m.with_cp = enable
-
-    def get_classifier(self) -> nn.Module:
-        """The classification layer (``nn.Identity`` when ``num_classes == 0``)."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one of ``num_classes`` outputs (0 = none)."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no classifier")
-        self.num_classes = num_classes
-        ref = self.norm.weight
-        if num_classes > 0:
-            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            self._init_weights(self.head)
-        else:
-            self.head = nn.Identity()
-        self.init_kwargs["num_classes"] = num_classes
-
-    def set_conv_impl(self, impl: str = "auto") -> SLaK:
-        """Run every large-kernel depthwise conv with ``impl`` (see :mod:`uniperception.ops`)."""
-        set_conv_impl(self, impl)
-        return self
 
     @property
     def reparam_form(self) -> str:

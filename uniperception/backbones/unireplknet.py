@@ -21,7 +21,7 @@ from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
 from ..layers.reparam import reparameterize as reparameterize_tree
 from ..layers.unireplknet_block import UniRepLKNetBlock
-from ..ops import set_conv_impl
+from .base import Backbone
 from .registry import PretrainedCfg, register_model
 
 __all__ = ["UNIREPLKNET_VARIANTS", "UniRepLKNet", "default_kernel_sizes"]
@@ -70,7 +70,7 @@ def default_kernel_sizes(depths: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     return DEFAULT_KERNEL_SIZES[key]
 
 
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(Backbone):
     """UniRepLKNet backbone and classifier.
 
     Args:
@@ -91,8 +91,6 @@ class UniRepLKNet(nn.Module):
         attempt_use_lk_impl: accepted for compatibility with the official signature; the large-kernel
             implementation is chosen by :mod:`uniperception.ops`, so it has no effect.
     """
-
-    _reparameterize_walks_children = True
 
     def __init__(
         self,
@@ -189,6 +187,9 @@ class UniRepLKNet(nn.Module):
                     self.head.weight.mul_(head_init_scale)
                     self.head.bias.mul_(head_init_scale)
 
+    def _init_head(self, head: nn.Linear) -> None:
+        self._init_weights(head)
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -197,22 +198,6 @@ class UniRepLKNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ----------------------------------------------------------------------------------------- forward
-    def _check_input(self, x: Tensor) -> None:
-        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if x.dim() != 4:
-                raise InvalidInputError(
-                    f"UniRepLKNet expects a 4-D tensor B×{self.in_chans}×H×W, got shape {tuple(x.shape)}"
-                )
-            if x.shape[1] != self.in_chans:
-                raise InvalidInputError(
-                    f"UniRepLKNet was built with in_chans={self.in_chans} but the input has {x.shape[1]} "
-                    "channels; build it with the right in_chans"
-                )
-
-    def _to_layout(self, x: Tensor) -> Tensor:
-        # channels-last end to end: depthwise and 1×1 convs run on it directly, permutes to NHWC are free
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """Stage outputs (before any norm) up to the last needed stage."""
         self._check_input(x)
@@ -231,13 +216,6 @@ class UniRepLKNet(nn.Module):
             x = self.stages[i](self.downsample_layers[i](x))
         return x
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global mean pool → LayerNorm → Linear; ``pre_logits=True`` stops before the Linear."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no head")
-        x = self.norm(x.mean((-2, -1)))
-        return x if pre_logits else self.head(x)
-
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.features_only:
             outs = self.forward_stages(x)
@@ -251,37 +229,6 @@ class UniRepLKNet(nn.Module):
         for m in self.modules():
             if isinstance(m, UniRepLKNetBlock):
                 m.with_cp = enable
-
-    def get_classifier(self) -> nn.Module:
-        """The classification layer (``nn.Identity`` when ``num_classes == 0``)."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one of ``num_classes`` outputs (0 = none)."""
-        if self.features_only:
-            raise InvalidInputError("a features_only model has no classifier")
-        self.num_classes = num_classes
-        ref = self.norm.weight
-        if num_classes > 0:
-            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            self._init_weights(self.head)
-        else:
-            self.head = nn.Identity()
-        self.init_kwargs["num_classes"] = num_classes
-
-    def set_conv_impl(self, impl: str = "auto") -> UniRepLKNet:
-        """Run every depthwise conv with ``impl`` (``"auto"``, ``"native"``, ``"fft"``, …; see :mod:`uniperception.ops`)."""
-        set_conv_impl(self, impl)
-        return self
-
-    def remove_head(self) -> UniRepLKNet:
-        """Drop the pooled LayerNorm and the classifier, for use under an external head (e.g. a Perceiver's)."""
-        if not self.features_only:
-            self.norm = nn.Identity()
-            self.head = nn.Identity()
-            self.num_classes = 0
-            self.init_kwargs["num_classes"] = 0
-        return self
 
     @property
     def is_deploy(self) -> bool:

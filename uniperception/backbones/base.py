@@ -1,0 +1,103 @@
+"""What every backbone shares: the timm-style classifier API, input checks and layout.
+
+A backbone subclass builds its layers, sets ``in_chans``, ``num_features``, ``num_classes``,
+``features_only``, ``channels_last`` and ``init_kwargs``, owns ``norm`` (pooled LayerNorm) and ``head``
+(classifier) unless ``features_only``, and implements ``forward_features`` / ``forward_stages`` /
+``is_deploy`` / ``reparameterize``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InvalidInputError
+from ..ops import set_conv_impl
+
+__all__ = ["Backbone"]
+
+
+class Backbone(nn.Module):
+    """Base class of the image-shaped backbones (UniRepLKNet, RepLKNet, SLaK)."""
+
+    # its reparameterize() walks its blocks (see uniperception.layers.reparam.reparameterize)
+    _reparameterize_walks_children = True
+
+    in_chans: int
+    num_features: int
+    num_classes: int
+    features_only: bool
+    channels_last: bool
+    init_kwargs: dict[str, Any]
+
+    def _check_input(self, x: Tensor, min_side: int = 1) -> None:
+        """Clear errors for wrong ranks, channel counts and (when the network needs it) too-small inputs."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        name = type(self).__name__
+        if x.dim() != 4:
+            raise InvalidInputError(f"{name} expects a 4-D tensor B×{self.in_chans}×H×W, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise InvalidInputError(
+                f"{name} was built with in_chans={self.in_chans} but the input has {x.shape[1]} channels; "
+                "build it with the right in_chans"
+            )
+        if min(x.shape[-2:]) < min_side:
+            raise InvalidInputError(
+                f"{name} needs inputs of at least {min_side}×{min_side} here, got {tuple(x.shape[-2:])} "
+                "(resize or pad it)"
+            )
+
+    def _to_layout(self, x: Tensor) -> Tensor:
+        # channels-last end to end: depthwise and 1×1 convs run on it directly, permutes to NHWC are free
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def pool_and_norm(self, x: Tensor) -> Tensor:
+        """Final map → the pooled, normalised feature (global mean then ``norm``; RepLKNet norms first)."""
+        return self.norm(x.mean((-2, -1)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool and normalise the final map, then classify; ``pre_logits=True`` stops before the Linear."""
+        if self.features_only:
+            raise InvalidInputError("a features_only model has no head")
+        x = self.pool_and_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        """The classification layer (``nn.Identity`` when ``num_classes == 0``)."""
+        if self.features_only:
+            raise InvalidInputError("a features_only model has no classifier")
+        return self.head
+
+    def _init_head(self, head: nn.Linear) -> None:
+        """Initialise a new classifier (override for the architecture's own scheme)."""
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one of ``num_classes`` outputs (0 = none)."""
+        if self.features_only:
+            raise InvalidInputError("a features_only model has no classifier")
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        if num_classes > 0:
+            head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            self._init_head(head)
+            self.head = head
+        else:
+            self.head = nn.Identity()
+        self.init_kwargs["num_classes"] = num_classes
+
+    def remove_head(self) -> Backbone:
+        """Drop the pooled LayerNorm and the classifier, for use under an external head (e.g. a Perceiver's)."""
+        if not self.features_only:
+            self.norm = nn.Identity()
+            self.head = nn.Identity()
+            self.num_classes = 0
+            self.init_kwargs["num_classes"] = 0
+        return self
+
+    def set_conv_impl(self, impl: str = "auto") -> Backbone:
+        """Run every large-kernel depthwise conv with ``impl`` (``"auto"``, ``"native"``, ``"fft"``, …)."""
+        set_conv_impl(self, impl)
+        return self
