@@ -64,3 +64,16 @@ def test_benchmark_command_small():
     assert "deploy/auto" in res.output and "speed-up" in res.output
     res = runner.invoke(app, ["benchmark", "--batch", "1", "--size", "48", "--repeats", "1", "--mode", "sideways"])
     assert res.exit_code == 2 and "mode" in res.output
+
+
+def test_convert_official_to_bundle(reference, tmp_path):
+    from uniperception import Perceiver
+
+    src = reference / "vectors" / "unireplknet_a_random.safetensors"
+    res = runner.invoke(app, ["convert", str(src), str(tmp_path / "bundle"), "--variant", "a"])
+    assert res.exit_code == 0, res.output
+    p = Perceiver.from_pretrained(tmp_path / "bundle")
+    io = load_file(str(reference / "vectors" / "unireplknet_a_io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(p(io["input"]), io["logits_reparam"], atol=1e-4, rtol=0)
+    assert p.backbone.is_deploy and len(p.labels) == 1000

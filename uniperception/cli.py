@@ -82,22 +82,33 @@ def models(
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Official checkpoint (.pth or .safetensors).")],
-    dst: Annotated[Path, typer.Argument(help="Output file (.safetensors recommended).")],
-    model: Annotated[str, typer.Option(help="Architecture of the checkpoint.")] = "unireplknet_a",
-    num_classes: Annotated[int, typer.Option(help="Classifier size of the checkpoint.")] = 1000,
+    dst: Annotated[Path, typer.Argument(help="A directory (→ image-classifier bundle) or a .safetensors/.pth file.")],
+    model: Annotated[str, typer.Option(help="Architecture of the checkpoint.")] = "",
+    variant: Annotated[str, typer.Option(help="UniRepLKNet variant letter (a f p n t s b l xl), for --model.")] = "",
+    num_classes: Annotated[int, typer.Option(help="Classifier size of the checkpoint (file output).")] = 1000,
     deploy: Annotated[bool, typer.Option(help="Re-parameterise before saving.")] = True,
 ) -> None:
-    """Load an official checkpoint (validating every key) and save it, re-parameterised by default."""
+    """Load an official checkpoint (validating every key) and save it as a bundle or a weights file."""
     from .backbones import create_model
     from .checkpoints import load_official, save_state_dict
     from .errors import UniperceptionError
+    from .perceiver import Perceiver
 
+    arch = model or (f"unireplknet_{variant}" if variant else "")
     try:
-        net = create_model(model, num_classes=num_classes)
+        if dst.suffix in ("", ".bundle"):
+            p = Perceiver.from_official(arch, src) if arch else Perceiver.from_pretrained(src)
+            if deploy:
+                p.reparameterize()
+            p.save_pretrained(dst, card={"name": f"{p.backbone_name} (official ImageNet weights)",
+                                         "description": f"Converted from the official checkpoint {src.name}."})
+            console.print(f"wrote bundle {dst} ({len(p.labels)} classes, {'deploy' if deploy else 'training'} form)")
+            return
+        net = create_model(arch or "unireplknet_a", num_classes=num_classes)
         report = load_official(net, src)
         if deploy:
             net.reparameterize()
-        save_state_dict(net.state_dict(), dst, metadata={"architecture": model, "form": "deploy" if deploy else "training"})
+        save_state_dict(net.state_dict(), dst, metadata={"architecture": arch, "form": "deploy" if deploy else "training"})
     except UniperceptionError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
