@@ -207,3 +207,11 @@ def test_fused_linear_gelu_matches_eager():
     linear_gelu_nchw(x, wg, b).sum().backward()
     assert wg.grad is not None
     assert isinstance(onednn_fusion_available(), bool)
+
+
+def test_dilated_small_kernels_stay_direct_in_training():
+    """A 3×3 kernel with dilation 5 has 9 taps: the FFT of its 11×11 extent must not be chosen."""
+    x = torch.randn(32, 80, 28, 28)
+    for k, r in ((3, 3), (3, 4), (3, 5), (5, 1), (7, 2)):
+        pad = r * (k - 1) // 2
+        assert ops.choose_impl(x, torch.randn(80, 1, k, k), (pad, pad), (r, r), training=True) == "channels_last"

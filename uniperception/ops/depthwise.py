@@ -199,27 +199,35 @@ def _taps(size: int, k: int, pad: int, dil: int) -> int:
 
 
 def estimate_cost_ms(
-    impl: str, x_shape: tuple[int, ...], k_shape: tuple[int, int], padding: tuple[int, int], training: bool
+    impl: str,
+    x_shape: tuple[int, ...],
+    k_shape: tuple[int, int],
+    padding: tuple[int, int],
+    training: bool,
+    dilation: tuple[int, int] = (1, 1),
 ) -> float:
     """The cost model's estimate for one call (after cropping), in milliseconds on the reference CPU.
 
-    ``training`` means forward + backward (input and weight gradients).
+    ``training`` means forward + backward (input and weight gradients). A dilated kernel costs its real
+    taps in the direct implementations and its full extent in the FFT one.
     """
     b, c, h, w = x_shape
     kh, kw = k_shape
     ph, pw = padding
+    dh, dw = dilation
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     planes = b * c
     if impl in ("channels_last", "native", "blocked"):
-        fwd = planes * _taps(h, kh, ph, 1) * _taps(w, kw, pw, 1) * _DIRECT_MS_PER_MAC
+        fwd = planes * _taps(h, kh, ph, dh) * _taps(w, kw, pw, dw) * _DIRECT_MS_PER_MAC
         if impl == "native" and (kh, kw) != (3, 3):
             fwd *= 2.0
         if not training:
             return fwd
-        oh, ow = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+        oh, ow = h + 2 * ph - eh + 1, w + 2 * pw - ew + 1
         per_mac = _DIRECT_WGRAD_MS_PER_MAC_K7 * (kh * kw / 49) ** _DIRECT_WGRAD_AREA_EXPONENT
         return 3 * fwd + planes * oh * ow * kh * kw * per_mac
     if impl == "fft":
-        s0, s1 = fft_size(max(h + ph, kh)), fft_size(max(w + pw, kw))
+        s0, s1 = fft_size(max(h + ph, eh)), fft_size(max(w + pw, ew))
         n = s0 * s1
         return planes * (n * math.log2(max(n, 2)) * _FFT_MS_PER_UNIT[training] + _FFT_MS_PER_PLANE[training])
     return math.inf
@@ -247,12 +255,12 @@ def choose_impl(
             _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
         return _AUTOTUNE_CACHE[key]
     kh, kw = weight.shape[-2:]
-    ekh, ekw = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    if max(ekh, ekw) <= 7 and not training:
+    if max(kh, kw) <= 7 and not training and dilation == (1, 1):
         return "channels_last"
     shape = tuple(x.shape)
     costs = {
-        impl: estimate_cost_ms(impl, shape, (ekh, ekw), padding, training) for impl in ("channels_last", "fft")
+        impl: estimate_cost_ms(impl, shape, (kh, kw), padding, training, dilation)
+        for impl in ("channels_last", "fft")
     }
     return min(costs, key=costs.__getitem__)
 
