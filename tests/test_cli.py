@@ -77,3 +77,12 @@ def test_convert_official_to_bundle(reference, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(p(io["input"]), io["logits_reparam"], atol=1e-4, rtol=0)
     assert p.backbone.is_deploy and len(p.labels) == 1000
+
+
+def test_erf_command(tmp_path):
+    out = tmp_path / "erf.png"
+    res = runner.invoke(app, ["erf", "--model", "slak_t", "--size", "64", "--num-images", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "area ratio" in res.output and out.stat().st_size > 0 and out.with_suffix(".npy").is_file()
+    res = runner.invoke(app, ["erf", "--model", "slak_t", "--images", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "does not exist" in res.output

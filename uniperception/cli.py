@@ -1,4 +1,4 @@
-"""The ``uniperception`` command line: ``demo``, ``models``, ``convert``."""
+"""The ``uniperception`` command line: demo, models, predict, train, evaluate, convert, export, benchmark, erf."""
 
 from __future__ import annotations
 
@@ -268,6 +268,39 @@ def evaluate(
         raise typer.Exit(2) from e
     for k, v in metrics.items():
         console.print(f"{k}: {v:.4f}")
+
+
+@app.command("erf")
+def erf_cmd(
+    model: Annotated[str, typer.Option(help="Registered model name, or a timm model name (random weights unless --weights).")],
+    weights: Annotated[Path | None, typer.Option(help="Official checkpoint (uniperception models) or state-dict file (timm).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Directory of images (default: built-in offline inputs).")] = None,
+    size: Annotated[int, typer.Option(help="Input side in pixels (images are warped to size x size).")] = 512,
+    num_images: Annotated[int, typer.Option(help="Images to average (official: 50).")] = 50,
+    out: Annotated[Path, typer.Option(help="Heat-map PNG (a .npy of the raw scores is written beside it).")] = Path("erf.png"),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Effective receptive field (RepLKNet/SLaK method): heat map and high-contribution area ratios."""
+    from .analysis import build_model, erf
+    from .errors import UniperceptionError
+
+    try:
+        net = build_model(model, weights)
+        r = erf(net, images, input_size=size, num_images=num_images, device=device, model_name=model)
+        r.save_png(out)
+        r.save_npy(out.with_suffix(".npy"))
+    except UniperceptionError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    t = Table(title=f"{model}: effective receptive field at {r.input_size}², {r.num_images} images")
+    for col in ("threshold", "area ratio", "square side (px)"):
+        t.add_column(col, justify="right")
+    for th, ratio in r.ratios.items():
+        t.add_row(f"{th:.0%}", f"{ratio:.4f}", str(r.sides[th]))
+    console.print(t)
+    if r.skipped:
+        console.print(f"{r.skipped} image(s) skipped (NaN in the contribution map)")
+    console.print(f"heat map written to {out}")
 
 
 def main() -> None:

@@ -383,9 +383,9 @@ def _create(
     cfg = next((c for c in cfgs if c.tag == pretrained_tag), cfgs[0]) if pretrained_tag else cfgs[0]
     if pretrained and "num_classes" not in kwargs and not kwargs.get("features_only", False):
         kwargs["num_classes"] = cfg.num_classes
-    kwargs = {**BUILDER_DEFAULTS, **kwargs}
-    model = RepLKNet(large_kernel_sizes=lks, layers=layers, channels=channels, small_kernel=small_kernel,
-                     dw_ratio=dw_ratio, **kwargs)
+    arch = {"large_kernel_sizes": lks, "layers": layers, "channels": channels, "small_kernel": small_kernel,
+            "dw_ratio": dw_ratio}
+    model = RepLKNet(**{**arch, **BUILDER_DEFAULTS, **kwargs})  # kwargs may resize the family
     model.pretrained_cfg = cfg  # type: ignore[assignment]
     if pretrained:
         load_pretrained(model, cfg, pretrained, name=f"replknet_{variant}")

@@ -320,7 +320,7 @@ def _create(
     cfg = next((c for c in cfgs if c.tag == pretrained_tag), cfgs[0]) if pretrained_tag else cfgs[0]
     if pretrained and "num_classes" not in kwargs and not kwargs.get("features_only", False):
         kwargs["num_classes"] = cfg.num_classes
-    model = SLaK(depths=depths, dims=dims, **{**BUILDER_DEFAULTS, **kwargs})
+    model = SLaK(**{"depths": depths, "dims": dims, **BUILDER_DEFAULTS, **kwargs})  # kwargs may resize the family
     model.pretrained_cfg = cfg  # type: ignore[assignment]
     if pretrained:
         load_pretrained(model, cfg, pretrained, name=f"slak_{variant}")

@@ -4,10 +4,14 @@ from .collate import AdapterCollate, default_unpack
 from .config import TrainConfig, load_recipe
 from .engine import Callback, Trainer, param_groups, seed_everything
 from .recipes import RecipeResult, apply_overrides, build_dataset, run_recipe
+from .sparse import SPARSE_PRESETS, DynamicSparsity, LayerDensity
 
 __all__ = [
+    "SPARSE_PRESETS",
     "AdapterCollate",
     "Callback",
+    "DynamicSparsity",
+    "LayerDensity",
     "RecipeResult",
     "TrainConfig",
     "Trainer",

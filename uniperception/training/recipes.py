@@ -103,11 +103,18 @@ def run_recipe(
         m["modality"], backbone=m.get("backbone", "unireplknet_a"), labels=labels,
         adapter=m.get("adapter"), head=m.get("head"), backbone_kwargs=m.get("backbone_kwargs"),
     )
+    callbacks = []
+    if "sparse" in cfg:  # SLaK's dynamic sparsity, e.g. [sparse] preset = "slak_t"
+        from .sparse import DynamicSparsity
+
+        sp = dict(cfg["sparse"])
+        preset = sp.pop("preset", None)
+        callbacks.append(DynamicSparsity.preset(preset, **sp) if preset else DynamicSparsity(**sp))
     t0 = time.perf_counter()
     trainer = Trainer(
         model, train_set, val_set, train_cfg,
         collate_fn=AdapterCollate(model.adapter, train=True), val_collate_fn=AdapterCollate(model.adapter),
-        labels=labels,
+        labels=labels, callbacks=callbacks,
     )
     history = trainer.fit(resume=resume)
     seconds = time.perf_counter() - t0
