@@ -68,8 +68,11 @@ def models(
     pattern: Annotated[str, typer.Argument(help="Shell-style pattern.")] = "*",
     pretrained: Annotated[bool, typer.Option(help="List name.tag entries that have official weights.")] = False,
 ) -> None:
-    """List registered models."""
+    """List registered backbones (and the bundles shipped with the package)."""
+    import fnmatch
+
     from .backbones import get_pretrained_cfg, list_models
+    from .perceiver import BUNDLE_DIR
 
     for name in list_models(pattern, pretrained=pretrained):
         if pretrained:
@@ -77,6 +80,9 @@ def models(
             console.print(f"{name}\t{cfg.filename}\t{cfg.num_classes} classes @ {cfg.input_size[-1]}")
         else:
             console.print(name)
+    bundles = sorted(p.name for p in BUNDLE_DIR.glob("*") if (p / "config.json").is_file())
+    for b in (b for b in bundles if fnmatch.fnmatchcase(b, pattern)):
+        console.print(f"{b}\t(bundle)")
 
 
 @app.command()
