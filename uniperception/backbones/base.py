@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError
 from ..ops import set_conv_impl
 
-__all__ = ["Backbone"]
+__all__ = ["Backbone", "trunc_normal_init"]
+
+
+def trunc_normal_init(m: nn.Module) -> None:
+    """timm's init of the ConvNeXt family: conv/linear weights ~ trunc_normal(std 0.02), biases 0."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 class Backbone(nn.Module):
@@ -71,8 +79,22 @@ class Backbone(nn.Module):
             raise InvalidInputError("a features_only model has no classifier")
         return self.head
 
+    #: how a new classifier is initialised: "trunc_normal" (ConvNeXt family) or "default" (PyTorch's)
+    head_init: str = "trunc_normal"
+
     def _init_head(self, head: nn.Linear) -> None:
-        """Initialise a new classifier (override for the architecture's own scheme)."""
+        if self.head_init == "trunc_normal":
+            trunc_normal_init(head)
+
+    def _build_classifier(self, width: int, num_classes: int, head_init_scale: float = 1.0) -> None:
+        """Pooled LayerNorm + Linear head, every conv/linear trunc-normal initialised, head scaled."""
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(trunc_normal_init)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one of ``num_classes`` outputs (0 = none)."""

@@ -68,6 +68,8 @@ class RepLKNet(Backbone):
         with_cp: alias of ``use_checkpoint``.
     """
 
+    head_init = "default"  # the official RepLKNet leaves the classifier at PyTorch's init
+
     def __init__(
         self,
         large_kernel_sizes: Sequence[int] = (31, 29, 27, 13),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
 from ..layers.slak_blocks import FORMS, SLaKBlock, SLaKLargeKernelConv
-from .base import Backbone
+from .base import Backbone, trunc_normal_init
 from .registry import PretrainedCfg, register_model
 from .replknet import _adapt_head, _drop_classifier, convert_forms
 
@@ -146,25 +146,9 @@ class SLaK(Backbone):
             for i in self.out_indices:
                 self.add_module(f"norm{i}", LayerNorm2d(dims[i]))
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
-            self.apply(self._init_weights)
+            self.apply(trunc_normal_init)
         else:
-            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-            self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-            self.apply(self._init_weights)
-            if isinstance(self.head, nn.Linear):
-                with torch.no_grad():
-                    self.head.weight.mul_(head_init_scale)
-                    self.head.bias.mul_(head_init_scale)
-
-    def _init_head(self, head: nn.Linear) -> None:
-        self._init_weights(head)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            self._build_classifier(dims[-1], num_classes, head_init_scale)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward_stages(self, x: Tensor) -> list[Tensor]:

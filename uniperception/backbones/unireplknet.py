@@ -179,23 +179,7 @@ class UniRepLKNet(Backbone):
                 self.add_module(f"norm{i}", LayerNorm2d(dims[i]))
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
         else:
-            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-            self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-            self.apply(self._init_weights)
-            if isinstance(self.head, nn.Linear):
-                with torch.no_grad():
-                    self.head.weight.mul_(head_init_scale)
-                    self.head.bias.mul_(head_init_scale)
-
-    def _init_head(self, head: nn.Linear) -> None:
-        self._init_weights(head)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            self._build_classifier(dims[-1], num_classes, head_init_scale)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward_stages(self, x: Tensor) -> list[Tensor]:
