@@ -76,7 +76,12 @@ def _native(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], di
 def _channels_last(
     x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
 ) -> Tensor:
-    if x.device.type == "cpu" and tuple(w.shape[-2:]) == (13, 13) and dilation == (1, 1):
+    # oneDNN's NHWC 13×13 forward is a slow spot that 15×15 avoids; in training the padded kernel's
+    # backward is 4-5× slower (docs/benchmarks.md), so only inference pads
+    if (
+        x.device.type == "cpu" and tuple(w.shape[-2:]) == (13, 13) and dilation == (1, 1)
+        and not _needs_grad(x, w, b)
+    ):
         w = F.pad(w, (1, 1, 1, 1))
         padding = (padding[0] + 1, padding[1] + 1)
     x = x.contiguous(memory_format=torch.channels_last)
