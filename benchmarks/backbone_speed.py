@@ -34,7 +34,7 @@ other jobs instead of timing through them. Nothing is asserted about wall times.
 Page faults are expensive on the project VMs; run with glibc's malloc told to keep freed memory::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        .venv/bin/python benchmarks/backbone_speed.py --repeats 20 --time-budget 420 --json out.json
+        .venv/bin/python benchmarks/backbone_speed.py --repeats 15 --time-budget 480 --wait-quiet 1800 --json out.json
 
 (the report says whether those variables were set; ``--time-budget`` caps the timed rounds when the
 machine is busy, and the report gives the number of rounds actually done). Before timing, BatchNorm statistics, layer scales

@@ -39,7 +39,7 @@ workspaces, layout copies) at page granularity; allocator caching and the thread
 Run with glibc's malloc told to keep freed memory (the report says whether it was)::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        .venv/bin/python benchmarks/lk_conv.py --time-budget 480 --json out.json
+        .venv/bin/python benchmarks/lk_conv.py --time-budget 480 --wait-quiet 1800 --json out.json
 
 ``--shapes 80@28 320@7``, ``--kernels 13 51x5``, ``--batch 32``, ``--passes fwd+bwd`` filter the grid;
 ``--quick`` is a smoke run (small grid, 2 rounds). Markdown goes to stdout, progress to stderr. Nothing is

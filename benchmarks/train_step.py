@@ -29,7 +29,7 @@ process once the model and optimizer exist. ``--no-memory`` skips it.
 Run with glibc's malloc told to keep freed memory (the report says whether it was)::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        .venv/bin/python benchmarks/train_step.py --repeats 10 --time-budget 420 --json out.json
+        .venv/bin/python benchmarks/train_step.py --repeats 8 --time-budget 400 --wait-quiet 1800 --json out.json
 
 ``--quick`` is a smoke run (A, batch 4, 112², 2 rounds). Markdown goes to stdout, progress to stderr.
 Nothing is asserted about wall times.
