@@ -37,6 +37,7 @@ class Backbone(nn.Module):
     num_features: int
     num_classes: int
     features_only: bool
+    out_indices: tuple[int, ...]
     channels_last: bool
     init_kwargs: dict[str, Any]
 
@@ -61,6 +62,43 @@ class Backbone(nn.Module):
     def _to_layout(self, x: Tensor) -> Tensor:
         # channels-last end to end: depthwise and 1×1 convs run on it directly, permutes to NHWC are free
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    # ----------------------------------------------------------------------------------------- forward
+    # Defaults for the ConvNeXt layout (``downsample_layers[i]`` then ``stages[i]``, features normalised by
+    # ``norm{i}``): UniRepLKNet and SLaK use them as they are; RepLKNet overrides the stage walk.
+    def min_input_side(self, last_stage: int) -> int:
+        """Smallest input side the network accepts when it runs up to ``last_stage``."""
+        return 1
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Stage outputs (before any norm) up to the last stage ``out_indices`` needs."""
+        last = max(self.out_indices)
+        self._check_input(x, self.min_input_side(last))
+        x = self._to_layout(x)
+        outs = []
+        for i in range(last + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The final feature map (stride 32), before pooling."""
+        last = len(self.stages) - 1
+        self._check_input(x, self.min_input_side(last))
+        x = self._to_layout(x)
+        for i in range(last + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+        return x
+
+    def feature_norm(self, i: int) -> nn.Module:
+        """The norm applied to stage ``i``'s map in ``features_only`` mode (official ``norm{i}``)."""
+        return getattr(self, f"norm{i}")
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.features_only:
+            outs = self.forward_stages(x)
+            return [self.feature_norm(i)(outs[i]) for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
 
     def pool_and_norm(self, x: Tensor) -> Tensor:
         """Final map → the pooled, normalised feature (global mean then ``norm``; RepLKNet norms first)."""

@@ -207,12 +207,9 @@ class RepLKNet(Backbone):
         """BN on the final map, then global average pool (the official head order)."""
         return self.norm(x).mean((-2, -1))
 
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if self.features_only:
-            outs = self.forward_stages(x)
-            stages: list[RepLKNetStage] = list(self.stages)  # type: ignore[arg-type]
-            return [stages[i].norm(outs[i]) for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
+    def feature_norm(self, i: int) -> nn.Module:
+        """RepLKNet normalises feature maps with each stage's own ``norm``."""
+        return self.stages[i].norm  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------------------- utilities
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -151,30 +151,9 @@ class SLaK(Backbone):
             self._build_classifier(dims[-1], num_classes, head_init_scale)
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Stage outputs (before any norm) up to the last needed stage."""
-        last = max(self.out_indices)
-        self._check_input(x, min_side=4 * 2**last)  # SLaK's downsampling convs have no padding
-        x = self._to_layout(x)
-        outs = []
-        for i in range(last + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The final feature map (``B × dims[-1] × ⌊H/32⌋ × ⌊W/32⌋``), before pooling and the final norm."""
-        self._check_input(x, min_side=32)
-        x = self._to_layout(x)
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-        return x
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if self.features_only:
-            outs = self.forward_stages(x)
-            return [getattr(self, f"norm{i}")(outs[i]) for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
+    def min_input_side(self, last_stage: int) -> int:
+        """SLaK's downsampling convs have no padding: stage ``i`` needs ``4·2^i`` pixels."""
+        return 4 * 2**last_stage
 
     # ----------------------------------------------------------------------------------------- utilities
     def set_grad_checkpointing(self, enable: bool = True) -> None:

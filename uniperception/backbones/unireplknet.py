@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
@@ -180,31 +180,6 @@ class UniRepLKNet(Backbone):
             self.feature_info = [self.feature_info[i] for i in self.out_indices]
         else:
             self._build_classifier(dims[-1], num_classes, head_init_scale)
-
-    # ----------------------------------------------------------------------------------------- forward
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """Stage outputs (before any norm) up to the last needed stage."""
-        self._check_input(x)
-        x = self._to_layout(x)
-        outs = []
-        for i in range(max(self.out_indices) + 1):
-            x = self.stages[i](self.downsample_layers[i](x))
-            outs.append(x)
-        return outs
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The final feature map (``B × dims[-1] × H/32 × W/32``), before pooling."""
-        self._check_input(x)
-        x = self._to_layout(x)
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-        return x
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if self.features_only:
-            outs = self.forward_stages(x)
-            return [getattr(self, f"norm{i}")(outs[i]) for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
 
     # ----------------------------------------------------------------------------------------- utilities
     def set_grad_checkpointing(self, enable: bool = True) -> None:
