@@ -26,6 +26,7 @@ __all__ = [
     "is_model",
     "list_models",
     "register_model",
+    "register_variant",
 ]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -68,6 +69,24 @@ def register_model(fn: F | None = None, *, pretrained_cfgs: list[PretrainedCfg] 
         return f
 
     return wrap(fn) if fn is not None else wrap
+
+
+def register_variant(
+    name: str,
+    create: Callable[..., nn.Module],
+    doc: str,
+    pretrained_cfgs: list[PretrainedCfg] | tuple[PretrainedCfg, ...] = (),
+) -> Callable[..., nn.Module]:
+    """Register ``name`` as a builder ``(pretrained=False, pretrained_tag=None, **kwargs) -> create(...)``."""
+
+    def builder(
+        pretrained: bool | str | os.PathLike[str] = False, pretrained_tag: str | None = None, **kwargs: Any
+    ) -> nn.Module:
+        return create(pretrained, pretrained_tag, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    return register_model(builder, pretrained_cfgs=pretrained_cfgs)
 
 
 def split_model_name_tag(name: str) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ and every stride-1 depthwise conv of the large-kernel modules runs through :mod:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from ..layers.dilated_reparam import make_batchnorm
 from ..layers.reparam import reparameterize as reparameterize_tree
 from ..layers.replknet_blocks import ConvBN, ReparamLargeKernelConv, RepLKNetStage
 from .base import Backbone
-from .registry import PretrainedCfg, register_model
+from .registry import PretrainedCfg, register_variant
 
 if TYPE_CHECKING:
     from ..checkpoints import Conversion, LoadReport
@@ -392,19 +393,13 @@ def _create(
 
 
 def _make_builder(variant: str):
-    def builder(
-        pretrained: bool | str | os.PathLike[str] = False, pretrained_tag: str | None = None, **kwargs: Any
-    ) -> RepLKNet:
-        return _create(variant, pretrained, pretrained_tag, **kwargs)
-
     lks, layers, channels, small_kernel, dw_ratio = REPLKNET_VARIANTS[variant]
-    builder.__name__ = builder.__qualname__ = f"replknet_{variant}"
-    builder.__doc__ = (
+    doc = (
         f"RepLKNet-{variant.upper()} (kernels {lks}, layers {layers}, channels {channels}, small kernel "
         f"{small_kernel}, dw_ratio {dw_ratio}; drop_path_rate 0.3 as the official builder). ``pretrained`` is "
         "False or a local official file/directory."
     )
-    return register_model(builder, pretrained_cfgs=PRETRAINED_CFGS[variant])
+    return register_variant(f"replknet_{variant}", functools.partial(_create, variant), doc, PRETRAINED_CFGS[variant])
 
 
 replknet_31b = _make_builder("31b")

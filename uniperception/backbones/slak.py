@@ -15,6 +15,7 @@ segmentation/detection copies) is built in, and two exact inference forms exist 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from ..errors import InvalidInputError
 from ..layers.norm import LayerNorm2d
 from ..layers.slak_blocks import FORMS, SLaKBlock, SLaKLargeKernelConv
 from .base import Backbone, trunc_normal_init
-from .registry import PretrainedCfg, register_model
+from .registry import PretrainedCfg, register_variant
 from .replknet import _adapt_head, _drop_classifier, convert_forms
 
 if TYPE_CHECKING:
@@ -291,18 +292,12 @@ def _create(
 
 
 def _make_builder(variant: str):
-    def builder(
-        pretrained: bool | str | os.PathLike[str] = False, pretrained_tag: str | None = None, **kwargs: Any
-    ) -> SLaK:
-        return _create(variant, pretrained, pretrained_tag, **kwargs)
-
     depths, dims = SLAK_VARIANTS[variant]
-    builder.__name__ = builder.__qualname__ = f"slak_{variant}"
-    builder.__doc__ = (
+    doc = (
         f"SLaK-{variant.upper()} (depths {depths}, base dims {dims} × 1.3, kernels 51/49/47/13 × 5, decomposed). "
         "``pretrained`` is False or a local official file/directory."
     )
-    return register_model(builder, pretrained_cfgs=PRETRAINED_CFGS[variant])
+    return register_variant(f"slak_{variant}", functools.partial(_create, variant), doc, PRETRAINED_CFGS[variant])
 
 
 slak_t = _make_builder("t")

@@ -9,6 +9,7 @@ features mode (``features_only=True``) needs no mmcv, and re-parameterisation wo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from ..layers.norm import LayerNorm2d
 from ..layers.reparam import reparameterize as reparameterize_tree
 from ..layers.unireplknet_block import UniRepLKNetBlock
 from .base import Backbone
-from .registry import PretrainedCfg, register_model
+from .registry import PretrainedCfg, register_variant
 
 __all__ = ["UNIREPLKNET_VARIANTS", "UniRepLKNet", "default_kernel_sizes"]
 
@@ -257,18 +258,12 @@ def _create(
 
 
 def _make_builder(variant: str):
-    def builder(
-        pretrained: bool | str | os.PathLike[str] = False, pretrained_tag: str | None = None, **kwargs: Any
-    ) -> UniRepLKNet:
-        return _create(variant, pretrained, pretrained_tag, **kwargs)
-
     depths, dims = UNIREPLKNET_VARIANTS[variant]
-    builder.__name__ = builder.__qualname__ = f"unireplknet_{variant}"
-    builder.__doc__ = (
+    doc = (
         f"UniRepLKNet-{variant.upper()} (depths {depths}, dims {dims}). ``pretrained`` is False, True "
         f"(official weights of the tag, through the hub cache) or a local file/directory."
     )
-    return register_model(builder, pretrained_cfgs=PRETRAINED_CFGS[variant])
+    return register_variant(f"unireplknet_{variant}", functools.partial(_create, variant), doc, PRETRAINED_CFGS[variant])
 
 
 unireplknet_a = _make_builder("a")
