@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import logging
 import os
 import pickle
@@ -391,10 +390,3 @@ def save_state_dict(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return p
-
-
-def deploy_copy(model: nn.Module) -> nn.Module:
-    """A re-parameterised deep copy of ``model`` (the original is untouched)."""
-    from .layers.reparam import reparameterize
-
-    return reparameterize(copy.deepcopy(model))

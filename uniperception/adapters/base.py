@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -115,5 +114,3 @@ def _import_builtin_adapters() -> None:
             if e.name != f"uniperception.adapters.{name}":
                 raise
 
-
-Builder = Callable[..., ModalityAdapter]
