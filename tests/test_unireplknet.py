@@ -283,3 +283,26 @@ def test_layouts_and_inference_fast_path_agree(official_a):
         nchw = m(x)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(nchw, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_grn_gradient_is_finite_on_an_all_zero_channel(channels_first: bool) -> None:
+    """A channel that is exactly zero everywhere (GELU underflow) must not give NaN gradients (torch.norm doesn't)."""
+    from uniperception.layers.norm import GRN
+
+    g = GRN(4)
+    torch.nn.init.normal_(g.gamma)
+    x = torch.randn(2, 3, 3, 4)
+    x[..., 1] = 0
+    ref = x.clone().requires_grad_()
+    gx = torch.norm(ref, p=2, dim=(1, 2), keepdim=True)
+    expected = ref * (g.gamma * (gx / (gx.mean(-1, keepdim=True) + 1e-6)) + 1) + g.beta
+    inp = (x.permute(0, 3, 1, 2) if channels_first else x).clone().requires_grad_()
+    out = g.forward_channels_first(inp) if channels_first else g(inp)
+    out = out.permute(0, 2, 3, 1) if channels_first else out
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grad = inp.grad.permute(0, 2, 3, 1) if channels_first else inp.grad
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, ref.grad, rtol=1e-5, atol=1e-6)

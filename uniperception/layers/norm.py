@@ -78,7 +78,10 @@ class GRN(nn.Module):
         return self._grn(x, spatial=(2, 3), channel=1, shape=(1, -1, 1, 1))
 
     def _grn(self, x: Tensor, spatial: tuple[int, int], channel: int, shape: tuple[int, ...]) -> Tensor:
-        gx = _spatial_sum_of_squares(x, spatial).sqrt()
+        # clamp: a channel that is exactly zero everywhere (GELU underflow on small late-stage maps) would give
+        # sqrt'(0) = inf and a NaN gradient; torch.norm's sub-gradient is 0 there, and so is clamp's.
+        ss = _spatial_sum_of_squares(x, spatial)
+        gx = ss.clamp_min(torch.finfo(ss.dtype).tiny).sqrt()
         nx = gx / (gx.mean(dim=channel, keepdim=True) + self.eps)
         scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(shape), nx)
         out = x * scale
