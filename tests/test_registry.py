@@ -81,3 +81,20 @@ def test_import_does_not_import_timm():
     code = "import sys, uniperception; print('timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_timm_prefix_builds_a_timm_backbone_with_the_backbone_contract() -> None:
+    pytest.importorskip("timm")
+    from uniperception.backbones.timm_backbone import TimmBackbone
+
+    m = up.create_model("timm:resnet18", in_chans=2)
+    assert isinstance(m, TimmBackbone) and m.num_features == 512
+    maps = m.forward_features(torch.randn(1, 2, 40, 56))
+    assert maps.shape == (1, 512, 2, 2)
+    with pytest.raises(up.errors.InvalidInputError):
+        m.forward_features(torch.randn(2, 40, 56))
+    with pytest.raises(up.errors.UnknownModelError):
+        up.create_model("timm:no_such_net")
+    p = up.Perceiver("audio", backbone="timm:convnext_atto", labels=["a", "b", "c"])
+    wav = torch.randn(16000)
+    assert len(p.classify(wav, sample_rate=16000, top_k=2)) == 2

@@ -138,7 +138,8 @@ def create_model(name: str, pretrained: bool | str | os.PathLike[str] = False, *
     """Build a registered model by name, optionally with pretrained weights.
 
     Args:
-        name: ``arch`` or ``arch.tag`` (e.g. ``"unireplknet_s.in22k_ft_in1k_384"``).
+        name: ``arch`` or ``arch.tag`` (e.g. ``"unireplknet_s.in22k_ft_in1k_384"``), or ``"timm:<name>"`` for
+            any timm model wrapped as a backbone (:class:`~uniperception.backbones.timm_backbone.TimmBackbone`).
         pretrained: ``False``; ``True`` to fetch the official weights of the tag through the Hugging Face hub
             cache (works offline when the file is cached); or a local checkpoint file or a directory holding it.
         **kwargs: passed to the architecture (``num_classes``, ``in_chans``, ``deploy``, ``features_only``, …).
@@ -147,6 +148,10 @@ def create_model(name: str, pretrained: bool | str | os.PathLike[str] = False, *
         UnknownModelError: the name or tag is not registered.
         CheckpointError: the weights cannot be found or do not match the model.
     """
+    if name.startswith("timm:"):  # any timm model, e.g. a peer trained with the same recipe
+        from .timm_backbone import TimmBackbone
+
+        return TimmBackbone(name[len("timm:") :], pretrained=bool(pretrained), **kwargs)
     base, tag = split_model_name_tag(name)
     if base not in _ENTRYPOINTS:
         raise _unknown(base)
