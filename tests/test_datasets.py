@@ -443,6 +443,18 @@ def test_sprites_are_deterministic(tmp_path: Path) -> None:
         MovingSprites(tmp_path, size=63)
 
 
+def test_sprites_can_hold_out_shapes(tmp_path: Path) -> None:
+    seen = MovingSprites(tmp_path, split="test", num_per_class=2, seed=0, sprite_shapes=("cross", "ring"),
+                         progress=False)  # fmt: skip
+    assert {row["shape"] for row in seen.samples} <= {"cross", "ring"}
+    default = MovingSprites(tmp_path, split="test", num_per_class=2, seed=0, progress=False)
+    assert default.path != seen.path  # a different dataset, cached separately
+    with pytest.raises(InvalidInputError):
+        MovingSprites(tmp_path, split="test", sprite_shapes=("hexagon",))
+    with pytest.raises(InvalidInputError):
+        MovingSprites(tmp_path, split="test", sprite_shapes=())
+
+
 def test_interrupted_generation_leaves_no_half_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -662,3 +674,16 @@ def test_bundled_classification_sets() -> None:
     assert all(x.shape[0] == 12 for x in jv.X) and len({x.shape[1] for x in jv.X}) > 1
     with pytest.raises(InvalidInputError):
         load_classification("MNIST")
+
+
+def test_partial_view_keeps_the_side_facing_the_camera() -> None:
+    from uniperception.datasets.shapes import partial_view, sample_shape
+
+    pts = sample_shape("sphere", 2048, 0, rotate=False, noise_std=0.0, max_dropout=0.0)
+    seen = partial_view(pts, 3)
+    assert 0.1 * len(pts) < len(seen) < 0.6 * len(pts) and seen.dtype == np.float32
+    centre = seen.mean(0)  # all on one side: the centroid moves away from the sphere's centre
+    assert np.linalg.norm(centre) > 0.3
+    assert np.array_equal(partial_view(pts, 3), seen)  # deterministic for a seed
+    with pytest.raises(InvalidInputError):
+        partial_view(np.zeros((3, 2)))

@@ -20,7 +20,7 @@ from ..errors import InvalidInputError
 from ._common import check_positive_int, import_open3d, split_code
 from ._mesh import normalize_points, random_rotation, sample_points
 
-__all__ = ["SHAPE_CLASSES", "Shapes", "primitive_mesh", "sample_shape"]
+__all__ = ["SHAPE_CLASSES", "Shapes", "partial_view", "primitive_mesh", "sample_shape"]
 
 #: Label names, in label-index order (see CONTRACTS.md).
 SHAPE_CLASSES: tuple[str, ...] = (
@@ -76,6 +76,26 @@ def sample_shape(
             keep = np.setdiff1d(np.arange(num_points), dropped)
             pts[dropped] = pts[rng.choice(keep, size=n_drop)]
     return pts.astype(np.float32)
+
+
+def partial_view(
+    points: np.ndarray, rng: np.random.Generator | int | None = None, distance: float = 3.0, radius: float = 300.0
+) -> np.ndarray:
+    """The points one camera sees (Open3D hidden-point removal) from a random direction at ``distance``.
+
+    ``points`` is ``[N, 3]`` inside the unit sphere; roughly the half facing the camera is kept, as a depth
+    sensor would capture it. Used to test classifiers on partial views they were not trained on.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < 4:
+        raise InvalidInputError(f"points must be [N>=4, 3], got {pts.shape}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    direction = rng.normal(size=3)
+    camera = distance * direction / np.linalg.norm(direction)
+    o3d = import_open3d()
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    _, idx = cloud.hidden_point_removal(camera, radius * distance)
+    return np.asarray(points)[np.asarray(idx, dtype=np.int64)]
 
 
 class Shapes(Dataset):

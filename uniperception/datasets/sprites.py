@@ -89,6 +89,14 @@ def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float
     return 255 * np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(*sat), rng.uniform(*val)))
 
 
+def _check_shapes(shapes: Any) -> tuple[str, ...]:
+    shapes = (shapes,) if isinstance(shapes, str) else tuple(shapes)
+    bad = [s for s in shapes if s not in SPRITE_SHAPES]
+    if not shapes or bad:
+        raise InvalidInputError(f"sprite_shapes must be a non-empty subset of {SPRITE_SHAPES}, got {shapes}")
+    return shapes
+
+
 def render_sprite_clip(
     direction: str,
     rng: np.random.Generator | int | None = None,
@@ -99,15 +107,20 @@ def render_sprite_clip(
     radius_range: tuple[float, float] = (4.0, 8.0),
     clutter: bool = True,
     noise_std: float = 6.0,
+    sprite_shapes: tuple[str, ...] = SPRITE_SHAPES,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Render one clip: uint8 frames ``[num_frames, size, size, 3]`` and its parameters (start, velocity, ...)."""
+    """Render one clip: uint8 frames ``[num_frames, size, size, 3]`` and its parameters (start, velocity, ...).
+
+    The sprite and the clutter are drawn from ``sprite_shapes`` (hold some out to test on sprites never seen).
+    """
     if direction not in _VECTORS:
         raise InvalidInputError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    sprite_shapes = _check_shapes(sprite_shapes)
     check_positive_int(num_frames, "num_frames")
     check_positive_int(size, "size")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     ux, uy = _VECTORS[direction]
-    shape = str(SPRITE_SHAPES[rng.integers(len(SPRITE_SHAPES))])
+    shape = str(sprite_shapes[rng.integers(len(sprite_shapes))])
     r = float(rng.uniform(*radius_range))
     margin = r + 1.0
     room = size - 2 * margin
@@ -126,7 +139,7 @@ def render_sprite_clip(
     bg = base + (grad[0] * (xx - 0.5) + grad[1] * (yy - 0.5))[..., None]
     n_clutter = int(rng.integers(0, 7)) if clutter else 0
     for _ in range(n_clutter):
-        c_shape = str(SPRITE_SHAPES[rng.integers(len(SPRITE_SHAPES))])
+        c_shape = str(sprite_shapes[rng.integers(len(sprite_shapes))])
         a = _alpha(c_shape, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 7), size, size)
         bg = bg * (1 - 0.6 * a) + 0.6 * a * _colour(rng, (0.0, 0.5), (0.2, 0.5))
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
@@ -198,6 +211,8 @@ class MovingSprites(Dataset):
         seed: seed of every random choice; the same parameters give byte-identical MP4 files.
         speed_range: pixels per frame; radius_range: sprite radius in pixels.
         clutter: static distractor shapes in the background; noise_std: per-frame Gaussian pixel noise.
+        sprite_shapes: the shapes sprites (and clutter) are drawn from; train on some and test on the others
+            to measure generalisation to sprites never seen.
         progress: show a tqdm progress bar while generating.
         transform: applied to the frames tensor; ``target_transform`` to the label index.
 
@@ -221,6 +236,7 @@ class MovingSprites(Dataset):
         radius_range: tuple[float, float] = (4.0, 8.0),
         clutter: bool = True,
         noise_std: float = 6.0,
+        sprite_shapes: tuple[str, ...] = SPRITE_SHAPES,
         crf: int = 18,
         progress: bool = True,
         transform: Callable[[torch.Tensor], Any] | None = None,
@@ -242,6 +258,9 @@ class MovingSprites(Dataset):
             "num_frames": num_frames, "size": size, "speed_range": list(speed_range),
             "radius_range": list(radius_range), "clutter": clutter, "noise_std": noise_std,
         }  # fmt: skip
+        shapes = _check_shapes(sprite_shapes)
+        if shapes != SPRITE_SHAPES:  # only then: the default keeps its cache folder name
+            render_opts["sprite_shapes"] = list(shapes)
         params = {
             "version": _VERSION, "split": split, "num_per_class": num_per_class, "seed": seed, "fps": fps,
             "crf": crf, "av": av.__version__, **render_opts,
@@ -257,7 +276,8 @@ class MovingSprites(Dataset):
                 label = i % len(DIRECTIONS)
                 rng = np.random.default_rng([seed, code, i])
                 frames, meta = render_sprite_clip(DIRECTIONS[label], rng, **{
-                    **render_opts, "speed_range": tuple(speed_range), "radius_range": tuple(radius_range)})  # fmt: skip
+                    **render_opts, "speed_range": tuple(speed_range), "radius_range": tuple(radius_range),
+                    "sprite_shapes": shapes})  # fmt: skip
                 rel = Path(DIRECTIONS[label]) / f"{split}-{i:06d}.mp4"
                 (out / rel).parent.mkdir(exist_ok=True)
                 write_mp4(out / rel, frames, fps=fps, crf=crf)
