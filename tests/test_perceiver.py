@@ -83,6 +83,22 @@ def test_save_load_round_trip_both_forms(perceiver, tmp_path):
     assert dep.embed(x).shape == (2, 64) and dep.embed(x[0]).shape == (64,)
 
 
+def test_half_precision_bundle_is_half_the_size_and_loads_as_float32(perceiver, tmp_path):
+    x = [_img(5), _img(6)]
+    full = perceiver.save_pretrained(tmp_path / "f32") / "model.safetensors"
+    half = perceiver.save_pretrained(tmp_path / "f16", dtype="float16") / "model.safetensors"
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["weights_dtype"] == "float16"
+    assert "float16" in (tmp_path / "f16" / "README.md").read_text()
+    loaded = Perceiver.from_pretrained(tmp_path / "f16")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    ref, got = perceiver.embed(x), loaded.embed(x)
+    assert not torch.equal(ref, got)  # rounded to half precision
+    torch.testing.assert_close(got, ref, rtol=5e-2, atol=5e-3)
+    with pytest.raises(InvalidInputError):
+        perceiver.save_pretrained(tmp_path / "bad", dtype="int8")
+
+
 def test_broken_bundles_raise_checkpoint_error(perceiver, tmp_path):
     d = perceiver.save_pretrained(tmp_path / "b")
     sd = load_file(str(d / "model.safetensors"))

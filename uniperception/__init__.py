@@ -18,7 +18,7 @@ from .errors import (
 )
 from .forecasting import Forecaster
 from .layers.reparam import reparameterize
-from .perceiver import Perceiver, Prediction
+from .perceiver import Perceiver, Prediction, list_bundles
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +35,7 @@ __all__ = [
     "create_model",
     "errors",
     "get_pretrained_cfg",
+    "list_bundles",
     "list_models",
     "register_model",
     "reparameterize",

@@ -30,13 +30,21 @@ from .checkpoints import save_state_dict
 from .errors import CheckpointError, InvalidInputError, ModalityMismatchError
 from .heads import ClassificationHead, ClassificationHeadConfig, ForecastHead, ForecastHeadConfig
 
-__all__ = ["BUNDLE_DIR", "Perceiver", "Prediction"]
+__all__ = ["BUNDLE_DIR", "Perceiver", "Prediction", "list_bundles"]
 
 logger = logging.getLogger(__name__)
 
 #: where bundles shipped with the package live
 BUNDLE_DIR = Path(__file__).parent / "bundles"
+
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+
+
+def list_bundles() -> list[str]:
+    """Names of the pretrained bundles that ship with the package (``Perceiver.from_pretrained(name)``)."""
+    return sorted(p.name for p in BUNDLE_DIR.glob("*") if (p / CONFIG_NAME).is_file())
+
+
 FORMAT_VERSION = 1
 
 
@@ -293,14 +301,30 @@ class Perceiver(nn.Module):
             "head": dataclasses.asdict(self.head.config),
         }
 
-    def save_pretrained(self, directory: str | os.PathLike[str], card: dict[str, Any] | None = None) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (atomically) and a ``README.md`` model card."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        card: dict[str, Any] | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (atomically) and a ``README.md`` model card.
+
+        ``dtype="float16"`` (or ``"bfloat16"``) stores floating-point tensors at half precision, halving the file;
+        loading casts them back to the model's float32 parameters.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         config = self.get_config()
+        state = self.state_dict()
+        if dtype is not None:
+            target = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            if not isinstance(target, torch.dtype) or not target.is_floating_point:
+                raise InvalidInputError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+            state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+            config["weights_dtype"] = str(target).removeprefix("torch.")
         if card:
             config["card"] = card
-        save_state_dict(self.state_dict(), d / WEIGHTS_NAME, metadata={"format": "pt", "modality": self.modality})
+        save_state_dict(state, d / WEIGHTS_NAME, metadata={"format": "pt", "modality": self.modality})
         tmp = d / f".{CONFIG_NAME}.tmp"
         tmp.write_text(json.dumps(config, indent=2, default=list) + "\n")
         os.replace(tmp, d / CONFIG_NAME)
@@ -345,7 +369,7 @@ class Perceiver(nn.Module):
             return cls.from_official(name, True, **kwargs)
         if "/" in name:
             return cls._load_bundle(_hub_snapshot(name))
-        available = sorted(p.name for p in BUNDLE_DIR.glob("*") if (p / CONFIG_NAME).is_file())
+        available = list_bundles()
         raise CheckpointError(
             f"no bundle {name!r}: not a directory, not a shipped bundle ({', '.join(available) or 'none'}), "
             "not a registered model name and not a hub id (org/name)"
@@ -467,9 +491,10 @@ def _model_card(config: dict[str, Any]) -> str:
         f"- modality: `{config['modality']}`",
         f"- backbone: `{config['backbone']['name']}` ({'deploy' if config['backbone']['kwargs'].get('deploy') else 'training'} form)",
         f"- classes ({len(config['labels'])}): {', '.join(config['labels'][:20])}{' …' if len(config['labels']) > 20 else ''}",
+        f"- weights stored as {config.get('weights_dtype', 'float32')}",
         f"- uniperception version: {config['uniperception_version']}, written {_dt.date.today().isoformat()}",
     ]
-    for key in ("data", "command", "training_time", "metrics", "limitations"):
+    for key in ("data", "command", "training_time", "metrics", "robustness", "limitations"):
         if key in card:
             val = card[key]
             lines += ["", f"## {key.replace('_', ' ').capitalize()}", "", json.dumps(val, indent=2) if isinstance(val, dict) else str(val)]
