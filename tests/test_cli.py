@@ -16,7 +16,7 @@ runner = CliRunner()
 
 
 def test_demo_agrees_and_reports(tmp_path):
-    res = runner.invoke(app, ["demo", "--size", "64", "--batch", "2", "--repeats", "1"])
+    res = runner.invoke(app, ["demo", "--no-bundles", "--no-forecast", "--size", "64", "--batch", "2", "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "agree" in res.output and "speed-up" in res.output
 
@@ -31,7 +31,8 @@ def test_demo_result_figures():
 def test_demo_bad_image_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"not an image")
-    res = runner.invoke(app, ["demo", "--image", str(bad), "--size", "32", "--batch", "1", "--repeats", "1"])
+    res = runner.invoke(app, ["demo", "--no-bundles", "--no-forecast", "--image", str(bad), "--size", "32", "--batch",
+                              "1", "--repeats", "1"])  # fmt: skip
     assert res.exit_code == 2 and "cannot read image" in res.output
 
 

@@ -32,21 +32,77 @@ def _main(
 
 @app.command()
 def demo(
-    model: Annotated[str, typer.Option(help="Registered model name.")] = "unireplknet_a",
+    model: Annotated[str, typer.Option(help="Model of the re-parameterisation part.")] = "unireplknet_a",
     image: Annotated[Path | None, typer.Option(help="An RGB image (default: scikit-learn's china.jpg).")] = None,
-    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 224,
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    size: Annotated[int, typer.Option(help="Input side in pixels (re-parameterisation part).")] = 224,
+    batch: Annotated[int, typer.Option(help="Batch size (re-parameterisation part).")] = 8,
     repeats: Annotated[int, typer.Option(help="Timed repeats (median reported).")] = 5,
+    bundles: Annotated[bool, typer.Option(help="Run the shipped bundles on the sample inputs.")] = True,
+    forecast: Annotated[bool, typer.Option(help="Fit a Forecaster on the sample series.")] = True,
+    reparam: Annotated[bool, typer.Option(help="Show training vs re-parameterised form.")] = True,
 ) -> None:
-    """Re-parameterise a UniRepLKNet and show that outputs agree and inference gets faster."""
-    from .demo import run_reparam_demo
+    """The main job: shipped bundles on sample inputs, a short forecaster fit, and re-parameterisation."""
     from .errors import UniperceptionError
 
+    ok = True
     try:
-        r = run_reparam_demo(model, image=image, image_size=size, batch=batch, repeats=repeats)
+        if bundles:
+            _demo_bundles()
+        if forecast:
+            _demo_forecast()
+        if reparam:
+            ok = _demo_reparam(model, image, size, batch, repeats)
     except UniperceptionError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _demo_bundles() -> None:
+    from .demo import run_bundle_demo
+    from .perceiver import BUNDLE_DIR, list_bundles
+
+    names = list_bundles()
+    if not names:
+        console.print(f"[yellow]no bundles ship in {BUNDLE_DIR}[/yellow]")
+        return
+    console.rule("[bold]1. Shipped bundles on sample inputs none of them saw in training")
+    rows = run_bundle_demo(names)
+    t = Table()
+    for col in ("bundle", "input", "what it is", "truth", "prediction (probability)", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    for r in rows:
+        top = ", ".join(f"{p.label} ({p.score:.2f})" for p in r.predictions)
+        mark = "[green]✓[/green]" if r.correct else "[red]✗[/red]"
+        t.add_row(r.bundle, r.file, r.note, r.expected, f"{mark} {top}", f"{r.seconds * 1e3:.0f}")
+    console.print(t)
+    console.print(f"{sum(r.correct for r in rows)}/{len(rows)} correct. Test metrics, peers and robustness: "
+                  "the model cards (`uniperception models --bundles`) and docs/benchmarks.md.")  # fmt: skip
+
+
+def _demo_forecast() -> None:
+    from .demo import run_forecast_demo
+
+    console.rule("[bold]2. Forecaster: monthly airline passengers (1949-1960), next 12 months")
+    r = run_forecast_demo()
+    fc = r.forecast.iloc[:, 0]
+    console.print("forecast: " + ", ".join(f"{ts:%Y-%m} {v:.0f}" for ts, v in fc.items()))
+    t = Table(title=f"the last {r.settings['horizon']} months, held out of training")
+    t.add_column("method")
+    for col in r.backtest.columns:
+        t.add_column(str(col), justify="right")
+    for method, row in r.backtest.iterrows():
+        t.add_row(str(method), *(f"{v:.3f}" for v in row))
+    console.print(t)
+    console.print(f"fit ({r.settings['epochs']} epochs) + scoring + forecast in {r.seconds:.1f} s, {r.length} points")
+
+
+def _demo_reparam(model: str, image: Path | None, size: int, batch: int, repeats: int) -> bool:
+    from .demo import run_reparam_demo
+
+    console.rule("[bold]3. Structural re-parameterisation")
+    r = run_reparam_demo(model, image=image, image_size=size, batch=batch, repeats=repeats)
     t = Table(title=f"{r.model}: training form vs re-parameterised (deploy) form, batch {r.batch} at {r.image_size}²")
     for col in ("form", "parameters", "ms / batch", "images / s"):
         t.add_column(col, justify="right")
@@ -59,30 +115,36 @@ def demo(
     )
     ok = r.max_abs_diff <= 1e-4 * max(1.0, r.max_logit)
     console.print("[green]outputs agree to float32 rounding[/green]" if ok else "[red]outputs DIFFER[/red]")
-    if not ok:
-        raise typer.Exit(1)
+    return ok
 
 
 @app.command()
 def models(
     pattern: Annotated[str, typer.Argument(help="Shell-style pattern.")] = "*",
     pretrained: Annotated[bool, typer.Option(help="List name.tag entries that have official weights.")] = False,
+    bundles: Annotated[bool, typer.Option("--bundles", help="Only the shipped bundles, with their metrics.")] = False,
 ) -> None:
     """List registered backbones (and the bundles shipped with the package)."""
     import fnmatch
+    import json
 
     from .backbones import get_pretrained_cfg, list_models
-    from .perceiver import BUNDLE_DIR
+    from .perceiver import BUNDLE_DIR, list_bundles
 
-    for name in list_models(pattern, pretrained=pretrained):
+    for name in [] if bundles else list_models(pattern, pretrained=pretrained):
         if pretrained:
             cfg = get_pretrained_cfg(name)
             console.print(f"{name}\t{cfg.filename}\t{cfg.num_classes} classes @ {cfg.input_size[-1]}")
         else:
             console.print(name)
-    bundles = sorted(p.name for p in BUNDLE_DIR.glob("*") if (p / "config.json").is_file())
-    for b in (b for b in bundles if fnmatch.fnmatchcase(b, pattern)):
-        console.print(f"{b}\t(bundle)")
+    for b in (b for b in list_bundles() if fnmatch.fnmatchcase(b, pattern)):
+        if not bundles:
+            console.print(f"{b}\t(bundle)")
+            continue
+        cfg = json.loads((BUNDLE_DIR / b / "config.json").read_text())
+        test = cfg.get("card", {}).get("metrics", {}).get("test", {})
+        acc = f"test accuracy {test['acc1']:.1%}" if "acc1" in test else "no test metrics"
+        console.print(f"{b}\t{cfg['modality']}\t{len(cfg['labels'])} classes\t{acc}\t{BUNDLE_DIR / b}")
 
 
 @app.command()
