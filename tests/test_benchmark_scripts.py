@@ -1,0 +1,50 @@
+"""Smoke tests of the scripts in ``benchmarks/``: they run end to end on tiny inputs (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_large_kernel_speed_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                  tmp_path: Path) -> None:
+    lks = _script("large_kernel_speed", monkeypatch)
+    monkeypatch.setenv("UNIPERCEPTION_CONV_IMPL", "fft")  # must be ignored: "auto" has to mean auto
+    out = tmp_path / "lk.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: a 2-thread OpenMP run is many times slower on a busy 2-core machine
+        rc = lks.main(["--quick", "--models", "unireplknet_a", "slak_t", "--img-size", "32", "--batch", "1",
+                       "--repeats", "1", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets the process-wide thread count
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| unireplknet_a | deploy |" in table and "| slak_t | dense |" in table
+    assert "Command: `" in table and "--quick" in table
+    res = json.loads(out.read_text())
+    rows = {(m["arch"], m["form"], m["engine"]) for m in res["models"]}
+    assert rows == {
+        ("unireplknet_a", "training", "auto"), ("unireplknet_a", "deploy", "auto"),
+        ("unireplknet_a", "deploy", "native"), ("slak_t", "training", "auto"),
+        ("slak_t", "rect", "auto"), ("slak_t", "rect", "native"),
+        ("slak_t", "dense", "auto"), ("slak_t", "dense", "native"),
+    }
+    for m in res["models"]:
+        assert len(m["batch_times_s"]) == 1
+        if m["form"] != "training":
+            assert m["rel_err_vs_training"] <= 1e-4
+            assert "vs_training" in m["ratios"]
+        if m["engine"] == "auto" and m["form"] != "training":
+            assert "auto_vs_off" in m["ratios"]
+    assert res["meta"]["ignored_conv_impl_env"] == "fft"
