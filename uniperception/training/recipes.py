@@ -45,6 +45,10 @@ def build_dataset(data: dict[str, Any], split: str) -> Dataset:
     if name not in table:
         raise InvalidInputError(f"unknown dataset {name!r} in recipe; choose from {sorted(table)}")
     kwargs = {**data.get("common", {}), "split": split, **data.get(split, {})}
+    if "augment" in kwargs:  # e.g. [data.train] augment = "speech": a waveform transform, training data only
+        from ..datasets.augment import build_transform
+
+        kwargs["transform"] = build_transform(kwargs.pop("augment"))
     return table[name](**kwargs)
 
 
@@ -119,18 +123,30 @@ def run_recipe(
     history = trainer.fit(resume=resume)
     seconds = time.perf_counter() - t0
     final = trainer.ema.module if trainer.ema is not None else model
+    final.eval()
     test_set = build_dataset(data, "test")
-    test_metrics = trainer.evaluate(test_set, model=final)
+    trained_metrics = trainer.evaluate(test_set, model=final)
+    opts = cfg.get("bundle", {})  # [bundle] deploy = true (re-parameterise), dtype = "float16"
+    if opts.get("deploy", False):
+        final.reparameterize()
     card = {
         "name": cfg.get("name", str(name)),
         "description": cfg.get("description", ""),
         "data": json.dumps(data),
         "command": command or f"uniperception train --recipe {name}",
         "training_time": f"{seconds / 60:.1f} minutes on {_machine()}",
-        "metrics": {"test": test_metrics, "final_val": {k: v for k, v in history[-1].items() if k.startswith("val_")}},
+        "metrics": {},
     }
-    final.eval()
-    bundle = final.save_pretrained(out / "bundle", card=card)
+    bundle = final.save_pretrained(out / "bundle", card=card, dtype=opts.get("dtype"))
+    # the metrics on the card are those of the file as shipped (deploy form, stored precision), reloaded from disk
+    shipped = Perceiver.from_pretrained(bundle)
+    test_metrics = trainer.evaluate(test_set, model=shipped)
+    card["metrics"] = {
+        "test": test_metrics,
+        "test_before_export": trained_metrics,
+        "final_val": {k: v for k, v in history[-1].items() if k.startswith("val_")},
+    }
+    bundle = final.save_pretrained(out / "bundle", card=card, dtype=opts.get("dtype"))
     return RecipeResult(bundle, history, test_metrics, seconds)
 
 
