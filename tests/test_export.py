@@ -65,3 +65,63 @@ def test_export_cli(bundle, tmp_path):
     assert "verified" in res.output
     res = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "m.onnx")])
     assert res.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------------ int8
+def test_export_int8(bundle, tmp_path):
+    import onnxruntime as ort
+
+    from uniperception.export import INT8_TOLERANCE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f32 = export(str(bundle), tmp_path / "m.onnx")
+        report = export(str(bundle), tmp_path / "m.int8.onnx", quantize="int8")
+    assert report.quantize == "int8" and report.tolerance == INT8_TOLERANCE
+    assert report.max_rel_diff <= report.tolerance and 0.0 <= report.top1_agreement <= 1.0
+    summary = report.summary()
+    assert "int8" in summary and "top-1 agreement" in summary and f"{INT8_TOLERANCE:g}" in summary
+    assert report.path.stat().st_size < f32.path.stat().st_size  # int8 weights make a smaller file
+    meta = json.loads(report.sidecar.read_text())
+    q = meta["quantization"]
+    assert q["dtype"] == "int8" and q["method"] == "dynamic" and q["quantized_nodes"] >= 8  # 2 per block + head
+    assert q["op_types"] == ["MatMul", "Gemm"] and q["size_bytes"] == report.path.stat().st_size
+    assert meta["verification"]["tolerance"] == INT8_TOLERANCE and "top1_agreement" in meta["verification"]
+    assert json.loads(f32.sidecar.read_text())["quantization"] is None
+    # the file loads in onnxruntime and matches eager float32 within the reported tolerance, same top-1
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    p = Perceiver.from_pretrained(bundle).eval()
+    x = torch.randn(16, *p.adapter.preprocess(np.zeros((40, 40, 3), dtype=np.uint8)).shape[1:],
+                    generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = p(x).numpy()
+    got = sess.run(None, {"input": x.numpy()})[0]
+    diff = np.abs(got - ref).max()
+    assert diff <= report.tolerance * np.abs(ref).max()
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * diff  # where quantisation cannot flip the winner
+    assert clear.sum() >= 8
+    np.testing.assert_array_equal(got.argmax(1)[clear], ref.argmax(1)[clear])
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+def test_export_int8_bad_options(bundle, tmp_path):
+    from uniperception.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="quantize"):
+        export(str(bundle), tmp_path / "m.onnx", quantize="int4")
+    with pytest.raises(InvalidInputError, match="format='onnx'"):
+        export(str(bundle), tmp_path / "m.pt2", format="pt2", quantize="int8")
+    with pytest.raises(ExportError):  # the same errors are ExportErrors too
+        export(str(bundle), tmp_path / "m.onnx", quantize="fp16")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_int8_cli(bundle, tmp_path):
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(app, ["export", str(bundle), str(out), "--format", "onnx", "--quantize", "int8"])
+    assert res.exit_code == 0, res.output
+    assert "int8" in res.output and "top-1 agreement" in res.output and "max |diff|" in res.output
+    assert json.loads(out.with_name("m.onnx.json").read_text())["quantization"]["dtype"] == "int8"
+    res = CliRunner().invoke(app, ["export", str(bundle), str(out), "--quantize", "int4"])
+    assert res.exit_code == 2 and "quantize" in res.output
