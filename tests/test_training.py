@@ -159,3 +159,16 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
     # 128 samples / (2 ranks × 16) = 4 optimiser steps per rank; only rank 0 wrote files
     assert "steps 4" in out.stdout
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_keep_freed_memory_is_idempotent_and_glibc_only() -> None:
+    import sys
+
+    from uniperception._alloc import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert first == (platform.libc_ver()[0] == "glibc")

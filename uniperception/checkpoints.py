@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import os
 import pickle
 import tempfile
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from .backbones.unireplknet import UniRepLKNet
 from .errors import CheckpointError
 
 __all__ = [
+    "DIGEST_KEY",
     "LoadReport",
     "load_official",
     "load_pretrained",
@@ -37,6 +40,7 @@ __all__ = [
     "register_converter",
     "resolve_pretrained_file",
     "save_state_dict",
+    "tensor_digest",
     "unwrap_state_dict",
 ]
 
@@ -77,11 +81,29 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+#: safetensors metadata key holding :func:`tensor_digest` of the file's tensors (written by :func:`save_state_dict`)
+DIGEST_KEY = "uniperception.sha256"
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order): a checksum of the content."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Read a checkpoint file safely: safetensors, or a pickle restricted to tensors and containers.
 
     ``argparse.Namespace`` is allowed because official RepLKNet/SLaK files carry one; anything else that a
     pickle would need to import (a class, a function) is refused without being executed.
+
+    A safetensors file written by :func:`save_state_dict` carries a SHA-256 digest of its tensors, checked
+    here: a flipped bit anywhere in its data is an error instead of silently different weights.
 
     Raises:
         CheckpointError: missing, empty, truncated, corrupt or unsafe file.
@@ -96,13 +118,22 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     is_zip = head[:4] == b"PK\x03\x04"
     is_pickle = head[:1] == b"\x80"
     if p.suffix == ".safetensors" or not (is_zip or is_pickle):
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(p))
+            tensors = load_file(str(p))
+            with safe_open(str(p), "pt") as fh:
+                metadata = fh.metadata() or {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {p} as safetensors (truncated or corrupt?): {e}") from e
+        expected = metadata.get(DIGEST_KEY)
+        if expected is not None and expected != tensor_digest(tensors):
+            raise CheckpointError(
+                f"{p} is corrupt: its tensors do not match the SHA-256 digest stored when it was written "
+                "(a damaged copy or disk error); re-download or re-export it"
+            )
+        return tensors
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -363,21 +394,29 @@ def load_pretrained(
 def save_state_dict(
     state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write a state dict atomically (temp file in the same directory, then rename).
+    """Write a state dict atomically (temp file in the same directory, fsync, then rename).
 
-    ``.safetensors`` paths use safetensors (shared tensors are cloned); anything else ``torch.save``.
-    A crash mid-write leaves any previous file at ``path`` intact.
+    ``.safetensors`` paths use safetensors (shared tensors are cloned) and store a SHA-256 digest of the tensors
+    in the metadata (:data:`DIGEST_KEY`, checked by :func:`read_checkpoint`); anything else ``torch.save``.
+    A crash or kill mid-write leaves any previous file at ``path`` intact.
+
+    Raises:
+        CheckpointError: the file cannot be written (disk full, read-only directory, …); the previous file,
+            if any, is unchanged and no temporary file is left behind.
     """
+    from safetensors import SafetensorError
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.close(fd)
         tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
         if p.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata=metadata)
+            save_file(tensors, tmp, metadata={**(metadata or {}), DIGEST_KEY: tensor_digest(tensors)})
         else:
             torch.save(tensors, tmp)
         with open(tmp, "rb") as fh:
@@ -386,7 +425,39 @@ def save_state_dict(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, p)
+        _fsync_dir(p.parent)
+    except (OSError, RuntimeError, SafetensorError) as e:  # how a full disk surfaces (torch.save: RuntimeError)
+        _release_frames(e)
+        raise CheckpointError(
+            f"could not write {p}: {e}. The previous file (if any) is unchanged; "
+            "check free disk space and that the directory is writable."
+        ) from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return p
+
+
+def _release_frames(e: BaseException | None) -> None:
+    """Drop the locals of a failed ``torch.save`` and of the errors it chained: its writer holds the temp file
+    open (and its disk space taken) for as long as a traceback keeps it alive."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__context__
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

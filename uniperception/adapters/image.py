@@ -51,6 +51,10 @@ def load_image(x: Any) -> Tensor:
                 x = im.convert("RGB")
         except (UnidentifiedImageError, OSError) as e:
             raise UnsupportedFormatError(f"cannot decode image {p} (corrupt or unsupported format): {e}") from e
+        except Exception as e:  # PIL's decoders also fail with ValueError, SyntaxError, struct.error, bombs, …
+            raise UnsupportedFormatError(
+                f"cannot decode image {p} (corrupt or unsupported format): {type(e).__name__}: {e}"
+            ) from e
     if isinstance(x, Image.Image):
         x = np.asarray(x.convert("RGB"))
     if isinstance(x, np.ndarray):
@@ -63,6 +67,8 @@ def load_image(x: Any) -> Tensor:
         if t.dim() == 3:
             t = t.permute(2, 0, 1)  # arrays are H×W×C
     elif isinstance(x, Tensor):
+        if x.is_complex():
+            raise InvalidInputError(f"unsupported image tensor dtype {x.dtype}")
         t = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     else:
         raise InvalidInputError(f"cannot read an image from {type(x).__name__}; pass a path, PIL image, array or tensor")
@@ -77,7 +83,7 @@ def load_image(x: Any) -> Tensor:
     if t.shape[0] != 3:
         raise InvalidInputError(f"an image needs 1, 3 or 4 channels, got {t.shape[0]}")
     if t.shape[1] == 0 or t.shape[2] == 0:
-        raise InvalidInputError("empty image")
+        raise InvalidInputError(f"empty image (shape {tuple(t.shape)}); an image needs at least one pixel")
     if not torch.isfinite(t).all():
         raise InvalidInputError("image contains NaN or Inf values")
     return t.contiguous()
@@ -113,7 +119,10 @@ class ImageAdapter(ModalityAdapter):
             img = img[..., top : top + cfg.size, left : left + cfg.size]
         mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
         std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-        return ((img - mean) / std).contiguous()
+        out = ((img - mean) / std).contiguous()
+        if not torch.isfinite(out).all():  # float pixels far outside [0, 1] overflow the bicubic resize
+            raise InvalidInputError("image values are too large; float images must lie in [0, 1] (uint8 in [0, 255])")
+        return out
 
     def forward(self, batch: Tensor) -> Tensor:
         if batch.dim() != 4 or batch.shape[1] != 3:

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ _MESH_SUFFIXES = {".off", ".obj", ".stl", ".gltf", ".glb"}
 _CLOUD_SUFFIXES = {".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts"}
 _ARRAY_SUFFIXES = {".npy", ".txt", ".csv"}
 _FPS_MAX_INPUT = 65536
+#: coordinates beyond this magnitude are rescaled in float64 first (float32 sums of squares would overflow)
+_FLOAT32_SAFE = 1e15
 
 
 @dataclasses.dataclass
@@ -105,7 +108,9 @@ def _import_open3d() -> Any:
 def sample_mesh_surface(vertices: np.ndarray, triangles: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` points uniformly on a triangle mesh's surface (area-weighted, seeded: the same mesh gives the same points)."""
     v = np.asarray(vertices, dtype=np.float64)
-    tri = np.asarray(triangles, dtype=np.int64)
+    tri = np.asarray(triangles, dtype=np.int64).reshape(-1, 3)
+    if tri.size and (tri.min() < 0 or tri.max() >= len(v)):
+        raise InvalidInputError(f"corrupt mesh: a face refers to a missing vertex ({len(v)} vertices)")
     a, b, c = v[tri[:, 0]], v[tri[:, 1]], v[tri[:, 2]]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
     if not np.isfinite(area).all() or area.sum() <= 0:
@@ -173,14 +178,24 @@ def load_points(path: str | os.PathLike[str], cfg: PointsConfig | None = None) -
     if not p.is_file():
         raise InvalidInputError(f"point-cloud file not found: {p}")
     suffix = p.suffix.lower()
+    try:
+        return _read_points_file(p, suffix, cfg)
+    except InvalidInputError:
+        raise
+    except Exception as e:  # parsers fail in many ways on corrupt files (ValueError, TokenError, IndexError…)
+        raise UnsupportedFormatError(
+            f"cannot read points from {p} (corrupt or not numeric): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _read_points_file(p: Path, suffix: str, cfg: PointsConfig) -> np.ndarray:
     if suffix in _ARRAY_SUFFIXES:
-        try:
-            if suffix == ".npy":
-                return np.load(p, allow_pickle=False)
+        if suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked by the caller
             text = p.read_text()
             return np.loadtxt(p, delimiter="," if "," in text.split("\n", 1)[0] else None, ndmin=2)
-        except (ValueError, OSError, EOFError) as e:
-            raise UnsupportedFormatError(f"cannot read points from {p} (corrupt or not numeric): {e}") from e
     if suffix not in _MESH_SUFFIXES | _CLOUD_SUFFIXES | {".ply"}:
         raise UnsupportedFormatError(
             f"unsupported point-cloud format {suffix!r} ({p}); use .ply .pcd .xyz .pts .off .obj .stl .npy .txt .csv"
@@ -195,7 +210,10 @@ def load_points(path: str | os.PathLike[str], cfg: PointsConfig | None = None) -
         if suffix in _MESH_SUFFIXES or suffix == ".ply":
             mesh = o3d.io.read_triangle_mesh(str(p))
             if len(mesh.triangles) > 0:
-                return _from_open3d(mesh, cfg)
+                try:
+                    return _from_open3d(mesh, cfg)
+                except InvalidInputError as e:
+                    raise UnsupportedFormatError(f"corrupt mesh file {p}: {e}") from e
             if suffix != ".ply" and len(mesh.vertices) > 0:
                 return np.asarray(mesh.vertices)
         pts = np.asarray(o3d.io.read_point_cloud(str(p)).points)
@@ -213,16 +231,27 @@ def _as_array(x: Any, cfg: PointsConfig) -> Tensor:
     elif not isinstance(x, (np.ndarray, Tensor, list, tuple)):
         x = _from_open3d(x, cfg) if type(x).__module__.startswith("open3d") else x
     if isinstance(x, Tensor):
-        t = x.detach().to("cpu", torch.float32)
-    else:
-        try:
-            arr = np.asarray(x)
-        except (TypeError, ValueError) as e:
-            raise InvalidInputError(f"cannot read points from {type(x).__name__}: {e}") from e
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-            raise InvalidInputError(
-                f"cannot read points from {type(x).__name__}; pass a path, an N×3 (+features) array or an Open3D cloud"
-            )
+        if x.is_complex():
+            raise InvalidInputError(f"points must be real numbers, got dtype {x.dtype}")
+        x = x.detach().cpu()
+        x = x.double().numpy() if x.is_floating_point() else x.numpy()
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"cannot read points from {type(x).__name__}: {e}") from e
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise InvalidInputError(
+            f"cannot read points from {type(x).__name__}; pass a path, an N×3 (+features) array or an Open3D cloud"
+        )
+    if np.iscomplexobj(arr):
+        raise InvalidInputError(f"points must be real numbers, got dtype {arr.dtype}")
+    if arr.ndim == 2 and arr.shape[1] >= 3 and arr.size and np.issubdtype(arr.dtype, np.number):
+        xyz = arr[:, :3].astype(np.float64)
+        peak = np.abs(xyz).max()
+        if np.isfinite(peak) and peak > _FLOAT32_SAFE:  # rescale (the processor is scale-invariant) before float32
+            arr = arr.astype(np.float64)
+            arr[:, :3] = xyz / peak
+    with np.errstate(over="ignore"):  # overflow becomes Inf, rejected with a message below
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     looks_transposed = t.dim() == 2 and t.shape[0] == 3 and t.shape[1] > 6
     if t.dim() != 2 or t.shape[1] < 3 or looks_transposed:
@@ -234,6 +263,12 @@ def _as_array(x: Any, cfg: PointsConfig) -> Tensor:
         raise InvalidInputError(
             f"points must be an N×3 (+ feature columns) array, got shape {tuple(t.shape)}{hint}"
         )
+    return t
+
+
+def _finite(t: Tensor) -> Tensor:
+    if not torch.isfinite(t).all():
+        raise InvalidInputError("points give non-finite values once normalised (coordinates or features too large)")
     return t
 
 
@@ -363,10 +398,10 @@ class PointCloudAdapter(ModalityAdapter):
         t = torch.cat([xyz, t[:, 3:]], dim=1)
         t = t[self._sample(xyz, train, generator)]
         if train:
-            return self._augment(t, generator).unsqueeze(0)
+            return _finite(self._augment(t, generator).unsqueeze(0))
         angles = [2 * math.pi * k / cfg.test_rotations for k in range(cfg.test_rotations)]
         out = [torch.cat([t[:, :3] @ _rot_z(a).T, t[:, 3:]], dim=1) for a in angles]
-        return torch.stack(out).contiguous()
+        return _finite(torch.stack(out).contiguous())
 
     def _sample(self, xyz: Tensor, train: bool, g: torch.Generator | None) -> Tensor:
         cfg: PointsConfig = self.config  # type: ignore[assignment]

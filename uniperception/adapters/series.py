@@ -185,6 +185,8 @@ def _frame_from_path(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise UnsupportedFormatError(f"cannot read series CSV {path}: {e}") from e
+    except Exception as e:  # the C parser has more ways to fail on corrupt bytes (ValueError, OverflowError…)
+        raise UnsupportedFormatError(f"cannot read series CSV {path}: {type(e).__name__}: {e}") from e
 
 
 def _to_values(x: Any, timestamps: Any = None) -> tuple[np.ndarray, pd.DatetimeIndex | None]:
@@ -218,7 +220,14 @@ def _to_values(x: Any, timestamps: Any = None) -> tuple[np.ndarray, pd.DatetimeI
             raise InvalidInputError(f"non-numeric column(s) {bad}; drop them or convert them to numbers")
         values = df.to_numpy(dtype=np.float64, na_value=np.nan)
     elif isinstance(x, (np.ndarray, Tensor, list, tuple)):
-        arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+        if isinstance(x, Tensor):
+            t = x.detach().cpu()
+            arr = (t.double() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+        else:
+            try:
+                arr = np.asarray(x)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"cannot read a series from a {type(x).__name__}: {e}") from e
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)) or np.iscomplexobj(arr):
             raise InvalidInputError(f"series arrays must hold real numbers, got dtype {arr.dtype}")
         values = arr.astype(np.float64)
@@ -364,6 +373,11 @@ class SeriesAdapter(ModalityAdapter):
                 cal = torch.zeros(len(starts), cfg.lookback, NUM_CALENDAR)
             win = torch.cat([win, cal], dim=-1)
         win = win.contiguous()
+        if not all(torch.isfinite(t).all() for t in (win, *stats)):  # values beyond float32's range
+            raise InvalidInputError(
+                "the series' values are too large to normalise in float32 (|x| up to "
+                f"{np.abs(values).max():.3g}); rescale the series"
+            )
         return (win, stats) if return_stats else win
 
     # --- embedding ------------------------------------------------------------------------------------

@@ -157,14 +157,25 @@ def read_video_frames(path: str | os.PathLike[str], indices: list[int], short_si
     kept: dict[int, Tensor] = {}
     last_frame = None
     last_idx = -1
+    size: tuple[int, int] | None = None  # every kept frame gets the first kept frame's size
+
+    def convert(frame: Any) -> Tensor:
+        nonlocal size
+        rgb = _resize_short(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255.0,
+                            short_side)
+        if size is None:
+            size = (rgb.shape[-2], rgb.shape[-1])
+        elif tuple(rgb.shape[-2:]) != size:  # the stream changed resolution mid-way
+            rgb = F.interpolate(rgb[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return rgb
+
     with av.open(str(p)) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         for i, frame in enumerate(c.decode(s)):
             last_frame, last_idx = frame, i
             if i in wanted:
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255.0
-                kept[i] = _resize_short(rgb, short_side)
+                kept[i] = convert(frame)
             if i >= last_needed:
                 break
     if last_frame is None:
@@ -174,8 +185,7 @@ def read_video_frames(path: str | os.PathLike[str], indices: list[int], short_si
         logger.warning(
             "video %s has %d frames, fewer than its header says; repeating the last frame", p, last_idx + 1
         )
-        rgb = torch.from_numpy(last_frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 255.0
-        tail = _resize_short(rgb, short_side)
+        tail = convert(last_frame)
         for i in missing:
             kept[i] = tail
     return kept
@@ -286,6 +296,12 @@ class VideoAdapter(ModalityAdapter):
         except av.error.FFmpegError as e:
             raise UnsupportedFormatError(
                 f"cannot decode video file {path} (corrupt or unsupported format): {e}"
+            ) from e
+        except InvalidInputError:
+            raise
+        except Exception as e:  # PyAV also fails with UnicodeDecodeError (metadata), ValueError, …
+            raise UnsupportedFormatError(
+                f"cannot decode video file {path} (corrupt or unsupported format): {type(e).__name__}: {e}"
             ) from e
         return [torch.stack([kept[i] for i in clip]) for clip in idx]
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..checkpoints import _fsync_dir, _release_frames
 from ..errors import TrainingError
 from ..ops import conv_impl_state, load_conv_impl_state
 from .config import TrainConfig
@@ -85,15 +86,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file, fsync, rename: a crash or kill leaves the previous ``path`` intact."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (disk full) as a RuntimeError
+        _release_frames(e)
+        raise TrainingError(
+            f"could not write checkpoint {path}: {e}. Is the disk full or the directory not writable? "
+            "The previous checkpoint is unchanged."
+        ) from e
+    finally:
         tmp.unlink(missing_ok=True)
-        raise TrainingError(f"could not write checkpoint {path}: {e} (disk full or not writable?)") from e
+
+
+def _state_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 class Trainer:
@@ -153,6 +165,23 @@ class Trainer:
         except OSError as e:
             raise TrainingError(f"output directory {self.out_dir} is not writable: {e}") from e
 
+    def _check_disk_space(self) -> None:
+        """Fail before the first step when the output disk cannot hold two checkpoints (model, AdamW, EMA)."""
+        import shutil
+
+        copies = 3 + (1 if self.ema is not None else 0)  # weights, two AdamW moments, EMA weights
+        need = 2 * copies * _state_bytes(self.model)  # the new file is written beside the old one
+        try:
+            free = shutil.disk_usage(self.out_dir).free
+        except OSError:
+            return
+        if free < need:
+            raise TrainingError(
+                f"not enough disk space in {self.out_dir}: {free / 2**20:.1f} MiB free, a checkpoint needs about "
+                f"{need / 2 / 2**20:.1f} MiB (and as much again while it is replaced); free some space or "
+                "choose another out_dir"
+            )
+
     def _init_distributed(self) -> torch.device:
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -198,6 +227,10 @@ class Trainer:
         if self.is_main:
             self._check_out_dir()
         device = self._init_distributed()
+        if cfg.keep_freed_memory and device.type == "cpu":
+            from .._alloc import keep_freed_memory
+
+            keep_freed_memory()
         seed_everything(cfg.seed)
         if cfg.grad_checkpointing:
             target = getattr(self.model, "backbone", self.model)
@@ -219,6 +252,12 @@ class Trainer:
                 raise TrainingError(f"resume checkpoint not found: {path}")
             else:
                 logger.info("no checkpoint at %s: starting from scratch", path)
+        if self.is_main:
+            self._check_disk_space()
+            # the log holds exactly the epochs the weights have seen: a killed run's epochs after its last
+            # checkpoint are dropped (they are trained again), and a fresh run starts a fresh log
+            with open(self.out_dir / "metrics.jsonl", "w") as fh:
+                fh.writelines(json.dumps(m) + "\n" for m in self.history)
         self._ddp = (
             nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1 and dist.is_initialized() else None
         )
@@ -257,6 +296,16 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(nn.utils.get_total_norm(grads)):  # one fused pass over the gradients
+                bad = [n for n, p in self.model.named_parameters()
+                       if p.grad is not None and not torch.isfinite(p.grad).all()]
+                raise TrainingError(
+                    f"gradients became non-finite at epoch {epoch + 1}, step {self.step + 1} (batch {i}) in "
+                    f"{', '.join(bad[:3]) or 'several parameters'}{' …' if len(bad) > 3 else ''} although the loss "
+                    f"is {loss.item()}; no weights were updated or written. Lower the learning rate, check the "
+                    "loss for sqrt/log of 0, or enable grad_clip."
+                )
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -322,7 +371,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the full training state atomically (``last.pt`` and ``epoch{N}.pt``)."""
+        """Write the full training state atomically (``last.pt`` and ``epoch{N}.pt``); never non-finite weights."""
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(
+                f"weights became non-finite by epoch {self.epoch}, step {self.step} ({', '.join(bad[:3])}); "
+                "the checkpoint was not written and the previous one is kept"
+            )
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
