@@ -154,6 +154,24 @@ def test_concurrent_classification_matches_sequential(perceiver):
     assert [results[i] for i in range(6)] == expected
 
 
+def test_concurrent_classification_of_a_model_left_in_training_mode(perceiver):
+    imgs = [_img(i) for i in range(8)]
+    expected = [perceiver.classify_image(im, top_k=3) for im in imgs]  # eval mode
+    perceiver.train()  # e.g. right after Trainer.fit
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        results[i] = perceiver.classify_image(imgs[i], top_k=3)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(8)] == expected
+    assert perceiver.training  # left as the caller had it
+
+
 def test_head_views_pooling_loss_and_metrics():
     torch.manual_seed(0)
     cat = ClassificationHead(ClassificationHeadConfig(in_features=8, num_classes=5, views=4))

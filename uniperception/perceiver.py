@@ -14,6 +14,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ def list_bundles() -> list[str]:
 
 
 FORMAT_VERSION = 1
+_MODE_LOCK = threading.RLock()  # guards the eval/train switch of inference on a model left in training mode
 
 
 @dataclass(frozen=True)
@@ -184,13 +186,16 @@ class Perceiver(nn.Module):
 
     @torch.inference_mode()
     def _scores(self, inputs: list[Any], kwargs: dict[str, Any], batch_size: int = 32) -> list[Tensor]:
-        was_training = self.training
-        self.eval()
-        try:
-            batch, counts = self._pieces(inputs, kwargs)
+        batch, counts = self._pieces(inputs, kwargs)
+        if self.training:  # switch to eval for the call; serialised, so concurrent callers never see train mode
+            with _MODE_LOCK:
+                self.eval()
+                try:
+                    probs = torch.cat([self.head.probabilities(self(b)) for b in batch.split(batch_size)])
+                finally:
+                    self.train(True)
+        else:  # the usual case (loaded and new models are in eval mode): no shared state is touched
             probs = torch.cat([self.head.probabilities(self(b)) for b in batch.split(batch_size)])
-        finally:
-            self.train(was_training)
         out, start = [], 0
         for n in counts:  # pieces of one input (sliding windows, clips) are pooled by mean probability
             out.append(probs[start : start + n].mean(0).float().cpu())
@@ -325,10 +330,8 @@ class Perceiver(nn.Module):
         if card:
             config["card"] = card
         save_state_dict(state, d / WEIGHTS_NAME, metadata={"format": "pt", "modality": self.modality})
-        tmp = d / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(config, indent=2, default=list) + "\n")
-        os.replace(tmp, d / CONFIG_NAME)
-        (d / CARD_NAME).write_text(_model_card(config))
+        _atomic_write_text(d / CONFIG_NAME, json.dumps(config, indent=2, default=list) + "\n")
+        _atomic_write_text(d / CARD_NAME, _model_card(config))
         return d
 
     @classmethod
@@ -479,6 +482,19 @@ def _hub_snapshot(repo_id: str) -> Path:
             f"could not get bundle {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
             "download it where a network exists and pass the local directory"
         ) from e
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, rename: a kill mid-write leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _model_card(config: dict[str, Any]) -> str:
