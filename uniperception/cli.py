@@ -70,12 +70,14 @@ def _demo_bundles() -> None:
     console.rule("[bold]1. Shipped bundles on sample inputs none of them saw in training")
     rows = run_bundle_demo(names)
     t = Table()
-    for col in ("bundle", "input", "what it is", "truth", "prediction (probability)", "ms"):
+    for col in ("bundle", "input", "truth", "prediction", "ms"):
         t.add_column(col, justify="right" if col == "ms" else "left")
     for r in rows:
-        top = ", ".join(f"{p.label} ({p.score:.2f})" for p in r.predictions)
+        best = r.predictions[0]
         mark = "[green]✓[/green]" if r.correct else "[red]✗[/red]"
-        t.add_row(r.bundle, r.file, r.note, r.expected, f"{mark} {top}", f"{r.seconds * 1e3:.0f}")
+        short = r.bundle.removeprefix("unireplknet-a-")
+        t.add_row(short, f"{r.file}\n[dim]{r.note}[/dim]", r.expected, f"{mark} {best.label} {best.score:.2f}",
+                  f"{r.seconds * 1e3:.0f}")  # fmt: skip
     console.print(t)
     console.print(f"{sum(r.correct for r in rows)}/{len(rows)} correct. Test metrics, peers and robustness: "
                   "the model cards (`uniperception models --bundles`) and docs/benchmarks.md.")  # fmt: skip

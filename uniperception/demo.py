@@ -259,11 +259,11 @@ def write_demo_samples(out_dir: str | Path = SAMPLES_DIR) -> Path:
         name = f"keyword-{word.strip('_')}-{synth}.wav"
         sf.write(out / name, wav.numpy().T, sr, subtype="PCM_16")
         items.append({"file": name, "modality": "audio", "label": word,
-                      "note": f"{note} (voice {ds.samples[i]['voice']})"})  # fmt: skip
+                      "note": note.format(voice=ds.samples[i]["voice"])})  # fmt: skip
 
-    keyword("espeak", "yes", "espeak-ng voice held out of training")
-    keyword("espeak", "left", "espeak-ng voice held out of training")
-    keyword("flite", "stop", "flite: a synthesiser never heard in training")
+    keyword("espeak", "yes", "held-out espeak voice {voice}")
+    keyword("espeak", "left", "held-out espeak voice {voice}")
+    keyword("flite", "stop", "flite voice {voice}: synthesiser never heard")
 
     def sprite(direction: str, shapes: tuple[str, ...] | None, note: str) -> None:
         kw = {"sprite_shapes": shapes} if shapes else {}
@@ -274,7 +274,7 @@ def write_demo_samples(out_dir: str | Path = SAMPLES_DIR) -> Path:
         items.append({"file": name, "modality": "video", "label": direction, "note": note})
 
     sprite("up-left", None, "test clip")
-    sprite("down", ("cross", "ring"), "a sprite shape never seen in training")
+    sprite("down", ("cross", "ring"), "sprite shape never seen")
 
     o3d = import_open3d()
 
@@ -290,8 +290,8 @@ def write_demo_samples(out_dir: str | Path = SAMPLES_DIR) -> Path:
             raise RuntimeError(f"Open3D could not write {name}")
         items.append({"file": name, "modality": "points", "label": shape, "note": note})
 
-    cloud("torus", 1024, 1, "1024 points, random scale and rotation")
-    cloud("cone", 4096, 2, "a single view (hidden points removed)", partial=True)
+    cloud("torus", 1024, 1, "1024 points")
+    cloud("cone", 4096, 2, "one partial view", partial=True)
 
     series = load_series("airline")
     series.index.name = "date"
