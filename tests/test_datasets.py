@@ -687,3 +687,16 @@ def test_partial_view_keeps_the_side_facing_the_camera() -> None:
     assert np.array_equal(partial_view(pts, 3), seen)  # deterministic for a seed
     with pytest.raises(InvalidInputError):
         partial_view(np.zeros((3, 2)))
+
+
+def test_shapes_point_count_range_and_partial_views() -> None:
+    ds = Shapes(split="train", num_per_class=3, num_points_range=(256, 2048), partial_prob=0.5)
+    sizes = [len(ds[i][0]) for i in range(len(ds))]
+    assert min(sizes) >= 100 and max(sizes) <= 2048 and len(set(sizes)) > 5
+    assert [len(ds[i][0]) for i in range(len(ds))] == sizes  # deterministic per index
+    full = Shapes(split="train", num_per_class=3, num_points_range=(512, 512))
+    assert {len(full[i][0]) for i in range(len(full))} == {512}
+    with pytest.raises(InvalidInputError):
+        Shapes(num_points_range=(2, 10))
+    with pytest.raises(InvalidInputError):
+        Shapes(partial_prob=1.5)

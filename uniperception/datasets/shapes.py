@@ -8,6 +8,7 @@ every cloud has exactly ``num_points``). Sample ``i`` of a split depends only on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -110,6 +111,10 @@ class Shapes(Dataset):
         noise_std: Gaussian jitter after normalisation to the unit sphere; ``max_dropout``: up to this fraction
             of points are dropped (and replaced by duplicates of kept points).
         sampling: ``"uniform"`` (area-weighted, numpy) or ``"poisson"`` (Open3D Poisson disk, slower).
+        num_points_range: if given, each cloud's point count is drawn log-uniformly from this range instead
+            (training for sparse and dense scans; the adapter resamples to its own ``num_points``).
+        partial_prob: the probability that a sample is a single partial view (:func:`partial_view` of a cloud
+            with three times the points), training for one-sided scans.
         transform: applied to the points tensor; ``target_transform`` to the label index.
     """
 
@@ -127,10 +132,21 @@ class Shapes(Dataset):
         noise_std: float = 0.01,
         max_dropout: float = 0.2,
         sampling: str = "uniform",
+        num_points_range: tuple[int, int] | None = None,
+        partial_prob: float = 0.0,
         transform: Callable[[torch.Tensor], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
     ) -> None:
         self._split_code = split_code(split)
+        if num_points_range is not None:
+            lo, hi = (int(v) for v in num_points_range)
+            if not 4 <= lo <= hi:
+                raise InvalidInputError(f"num_points_range must be 4 <= low <= high, got {num_points_range}")
+            num_points_range = (lo, hi)
+        if not 0.0 <= partial_prob <= 1.0:
+            raise InvalidInputError(f"partial_prob must be in [0, 1], got {partial_prob}")
+        self.num_points_range = num_points_range
+        self.partial_prob = float(partial_prob)
         self.split = split
         self.num_per_class = check_positive_int(
             DEFAULT_NUM_PER_CLASS[split] if num_per_class is None else num_per_class, "num_per_class"
@@ -161,7 +177,14 @@ class Shapes(Dataset):
         index %= len(self)
         label = index % len(SHAPE_CLASSES)
         rng = np.random.default_rng([self.seed, self._split_code, index])
-        pts = sample_shape(SHAPE_CLASSES[label], self.num_points, rng, **self.options)
+        n = self.num_points
+        if self.num_points_range is not None:  # log-uniform point count (sparse and dense scans)
+            lo, hi = self.num_points_range
+            n = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        partial = self.partial_prob > 0 and rng.uniform() < self.partial_prob
+        pts = sample_shape(SHAPE_CLASSES[label], 3 * n if partial else n, rng, **self.options)
+        if partial:  # what one camera sees: about a third of the points of a 3n-point cloud
+            pts = partial_view(pts, rng)
         x: Any = torch.from_numpy(pts)
         y: Any = label
         if self.transform is not None:

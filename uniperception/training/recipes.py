@@ -154,4 +154,6 @@ def _machine() -> str:
     import os
     import platform
 
-    return f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    import torch
+
+    return f"{torch.get_num_threads()} thread(s) on a {os.cpu_count()}-core {platform.machine()} CPU"
