@@ -9,6 +9,7 @@ package version), ``model.safetensors`` and a ``README.md`` model card; loading 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -47,7 +48,7 @@ def list_bundles() -> list[str]:
 
 
 FORMAT_VERSION = 1
-_MODE_LOCK = threading.RLock()  # guards the eval/train switch of inference on a model left in training mode
+_MODE_LOCK = threading.RLock()  # serialises the eval copies made for inference on a model in training mode
 
 
 @dataclass(frozen=True)
@@ -187,15 +188,13 @@ class Perceiver(nn.Module):
     @torch.inference_mode()
     def _scores(self, inputs: list[Any], kwargs: dict[str, Any], batch_size: int = 32) -> list[Tensor]:
         batch, counts = self._pieces(inputs, kwargs)
-        if self.training:  # switch to eval for the call; serialised, so concurrent callers never see train mode
-            with _MODE_LOCK:
-                self.eval()
-                try:
-                    probs = torch.cat([self.head.probabilities(self(b)) for b in batch.split(batch_size)])
-                finally:
-                    self.train(True)
-        else:  # the usual case (loaded and new models are in eval mode): no shared state is touched
-            probs = torch.cat([self.head.probabilities(self(b)) for b in batch.split(batch_size)])
+        # inference never switches this module's mode (another thread may be using it): a model left in training
+        # mode (e.g. right after Trainer.fit) is scored through an eval-mode copy instead
+        net = self
+        if self.training:
+            with _MODE_LOCK:  # deepcopy while another caller copies is fine; serialise anyway to bound memory
+                net = copy.deepcopy(self).eval()
+        probs = torch.cat([net.head.probabilities(net(b)) for b in batch.split(batch_size)])
         out, start = [], 0
         for n in counts:  # pieces of one input (sliding windows, clips) are pooled by mean probability
             out.append(probs[start : start + n].mean(0).float().cpu())
