@@ -1,8 +1,8 @@
-"""Classify spoken keywords: load a bundle (or build an untrained model) and classify WAV files or arrays.
+"""Classify spoken keywords with the shipped bundle (or any bundle, or a tiny untrained model): WAV files or arrays.
 
     python examples/classify_audio.py [--bundle DIR_OR_NAME] [FILE.wav ...]
 
-Without a bundle it builds an untrained UniRepLKNet audio classifier, so the scores are meaningless but the
+With --untrained it builds a tiny untrained UniRepLKNet audio classifier, so the scores are meaningless but the
 whole path (decode → resample → Kaldi filterbank → backbone → head) runs; with no files it synthesises a
 two-second 44.1 kHz stereo chirp, which the adapter mixes down, resamples and cuts into 1 s windows.
 """
@@ -28,10 +28,11 @@ WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", help="audio files (WAV, FLAC, MP3, OGG, ...)")
-    ap.add_argument("--bundle", help="a trained bundle (directory or shipped name)")
+    ap.add_argument("--bundle", default="unireplknet-a-keywords", help="a bundle directory or shipped name")
+    ap.add_argument("--untrained", action="store_true", help="a tiny untrained model instead of the bundle")
     ap.add_argument("--top-k", type=int, default=3)
     args = ap.parse_args()
-    model = Perceiver.from_pretrained(args.bundle) if args.bundle else Perceiver(
+    model = Perceiver.from_pretrained(args.bundle) if not args.untrained else Perceiver(
         "audio", labels=WORDS, backbone_kwargs=TINY_BACKBONE)
     files = args.files
     if not files:

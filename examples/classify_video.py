@@ -22,10 +22,11 @@ from _common import TINY_BACKBONE
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*")
-    ap.add_argument("--bundle")
+    ap.add_argument("--bundle", default="unireplknet-a-motion", help="a bundle directory or shipped name")
+    ap.add_argument("--untrained", action="store_true", help="a tiny untrained model instead of the bundle")
     ap.add_argument("--top-k", type=int, default=3)
     args = ap.parse_args()
-    model = Perceiver.from_pretrained(args.bundle) if args.bundle else Perceiver(
+    model = Perceiver.from_pretrained(args.bundle) if not args.untrained else Perceiver(
         "video", labels=list(DIRECTIONS), backbone_kwargs=TINY_BACKBONE)
     files = args.files
     if not files:
