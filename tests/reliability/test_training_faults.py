@@ -40,9 +40,16 @@ from uniperception.training import Callback
 pytestmark = pytest.mark.timeout(300)
 
 TRAIN_CHILD = """
-import sys
+import sys, time
 from _reliability import run_tiny_training
-run_tiny_training(sys.argv[1], threads=int(sys.argv[2]))
+from uniperception.training import Callback
+
+class Slow(Callback):  # after the first epoch, slow down (no effect on the numbers) so the kill lands mid-run
+    def after_optimizer_step(self, trainer):
+        if trainer.epoch >= 1:
+            time.sleep(0.3)
+
+run_tiny_training(sys.argv[1], threads=int(sys.argv[2]), callbacks=(Slow(),))
 """
 
 
