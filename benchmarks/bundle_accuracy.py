@@ -135,16 +135,14 @@ def evaluate_bundle(path: str) -> dict[str, Any]:
 
 def update_card(result: dict[str, Any]) -> None:
     """Record ``result`` as the bundle's ``card.robustness`` (config.json) and rewrite its README.md."""
-    from uniperception.perceiver import BUNDLE_DIR, _model_card
+    from uniperception.perceiver import BUNDLE_DIR
+    from uniperception.perceiver import update_card as set_card
 
     d = Path(result["bundle"]) if Path(result["bundle"]).is_dir() else BUNDLE_DIR / result["bundle"]
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.setdefault("card", {})["robustness"] = {
+    set_card(d, robustness={
         "top-1 accuracy": {k: round(v, 4) for k, v in result["metrics"].items()},
         "command": "python benchmarks/bundle_accuracy.py " + result["bundle"],
-    }
-    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (d / "README.md").write_text(_model_card(cfg))
+    })  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,18 @@ def test_half_precision_bundle_is_half_the_size_and_loads_as_float32(perceiver, 
         perceiver.save_pretrained(tmp_path / "bad", dtype="int8")
 
 
+def test_update_card_rewrites_config_and_readme_not_weights(perceiver, tmp_path):
+    d = perceiver.save_pretrained(tmp_path / "b", card={"name": "x"})
+    before = (d / "model.safetensors").stat().st_mtime_ns
+    cfg = up.perceiver.update_card(d, robustness={"noisy": 0.5})
+    assert cfg["card"] == {"name": "x", "robustness": {"noisy": 0.5}}
+    assert json.loads((d / "config.json").read_text())["card"]["robustness"] == {"noisy": 0.5}
+    assert "## Robustness" in (d / "README.md").read_text()
+    assert (d / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(CheckpointError):
+        up.perceiver.update_card(tmp_path / "nowhere", robustness={})
+
+
 def test_broken_bundles_raise_checkpoint_error(perceiver, tmp_path):
     d = perceiver.save_pretrained(tmp_path / "b")
     sd = load_file(str(d / "model.safetensors"))

@@ -246,7 +246,7 @@ def write_demo_samples(out_dir: str | Path = SAMPLES_DIR) -> Path:
 
     from .datasets import KeywordSpeech, MovingSprites, load_series
     from .datasets._common import import_open3d
-    from .datasets.shapes import sample_shape
+    from .datasets.shapes import partial_view, sample_shape
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +279,10 @@ def write_demo_samples(out_dir: str | Path = SAMPLES_DIR) -> Path:
     o3d = import_open3d()
 
     def cloud(shape: str, n: int, seed: int, note: str, partial: bool = False) -> None:
-        pts = sample_shape(shape, n, np.random.default_rng([seed, 7]))
+        rng = np.random.default_rng([seed, 7])
+        pts = sample_shape(shape, n, rng)
         if partial:  # keep what one camera sees (Open3D hidden-point removal)
-            pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts.astype(np.float64)))
-            _, idx = pc.hidden_point_removal(np.array([0.0, 0.0, 3.0]), 300.0)
-            pts = pts[np.asarray(idx)]
+            pts = partial_view(pts, rng)
         pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts.astype(np.float64)))
         name = f"shape-{shape}{'-partial' if partial else ''}-{len(pts)}pts.ply"
         if not o3d.io.write_point_cloud(str(out / name), pc, write_ascii=False):

@@ -483,6 +483,22 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from e
 
 
+def update_card(directory: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
+    """Set model-card ``fields`` of a saved bundle (``config.json`` → ``card``) and rewrite its ``README.md``.
+
+    Only the two small files are rewritten (atomically); the weights are not touched. Returns the new config.
+    """
+    d = Path(directory)
+    try:
+        config = json.loads((d / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{d} has no readable {CONFIG_NAME}: {e}") from e
+    config.setdefault("card", {}).update(fields)
+    _atomic_write_text(d / CONFIG_NAME, json.dumps(config, indent=2, default=list) + "\n")
+    _atomic_write_text(d / CARD_NAME, _model_card(config))
+    return config
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file, fsync, rename: a kill mid-write leaves the previous file intact."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -89,7 +89,7 @@ def run_recipe(
     command: str | None = None,
 ) -> RecipeResult:
     """Train the recipe's model on its data and write a bundle with a model card; see the module docstring."""
-    from ..perceiver import Perceiver
+    from ..perceiver import Perceiver, update_card
 
     name = recipe if isinstance(recipe, (str, Path)) else recipe.get("name", "recipe")
     cfg = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
@@ -141,12 +141,11 @@ def run_recipe(
     # the metrics on the card are those of the file as shipped (deploy form, stored precision), reloaded from disk
     shipped = Perceiver.from_pretrained(bundle)
     test_metrics = trainer.evaluate(test_set, model=shipped)
-    card["metrics"] = {
+    update_card(bundle, metrics={
         "test": test_metrics,
         "test_before_export": trained_metrics,
         "final_val": {k: v for k, v in history[-1].items() if k.startswith("val_")},
-    }
-    bundle = final.save_pretrained(out / "bundle", card=card, dtype=opts.get("dtype"))
+    })  # fmt: skip
     return RecipeResult(bundle, history, test_metrics, seconds)
 
 
