@@ -20,6 +20,7 @@ from uniperception.adapters.points import (
     PointCloudAdapter,
     PointsConfig,
     farthest_point_sample,
+    farthest_point_set,
     normalize_points,
     sample_mesh_surface,
 )
@@ -345,6 +346,23 @@ def test_point_normalisation_and_fps() -> None:
     # fewer points than num_points: padded by repetition
     few = ad.preprocess(np.random.default_rng(0).random((10, 3)))
     assert few.shape == (1, 128, 3) and torch.equal(few[0, :10], few[0, 10:20])
+
+
+@pytest.mark.parametrize("n,m,start", [(1500, 1024, 7), (2048, 1024, None), (333, 100, 0), (4001, 1024, 4000)])
+def test_fast_fps_picks_the_same_points(n: int, m: int, start: int | None) -> None:
+    """The Open3D sampler the adapter uses chooses exactly the tensor loop's points (as a sorted set)."""
+    cloud = torch.rand(n, 3, generator=torch.Generator().manual_seed(n)) * torch.tensor([2.0, 1.0, 0.5])
+    ref = farthest_point_sample(cloud, m, start)
+    fast = farthest_point_set(cloud, m, start)
+    assert torch.equal(fast, ref.sort().values)
+    # duplicated points (dropout fills with copies): fewer distinct points than asked for still gives m rows
+    dup = torch.cat([cloud[: m - 3], cloud[: n - m + 3]])
+    assert torch.equal(farthest_point_set(dup, m, start), farthest_point_sample(dup, m, start).sort().values)
+    # the adapter's training path (random start, features carried along) keeps the rows whole
+    ad = PointCloudAdapter(PointsConfig(num_points=m, in_features=1))
+    rows = torch.cat([cloud, torch.arange(n, dtype=torch.float32)[:, None]], dim=1)
+    out = ad.preprocess(rows.numpy())[0]
+    assert torch.equal(out[:, 3].long().sort().values, farthest_point_sample(normalize_points(cloud), m).sort().values)
 
 
 def test_point_projection_invariances_and_range() -> None:

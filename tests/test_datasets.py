@@ -700,3 +700,14 @@ def test_shapes_point_count_range_and_partial_views() -> None:
         Shapes(num_points_range=(2, 10))
     with pytest.raises(InvalidInputError):
         Shapes(partial_prob=1.5)
+
+
+def test_shapes_cache_returns_the_same_clouds_and_is_not_corrupted_by_callers() -> None:
+    kwargs = dict(split="train", num_per_class=2, num_points_range=(256, 1024), partial_prob=0.5)
+    plain, cached = Shapes(**kwargs), Shapes(**kwargs, cache=True)
+    for i in range(len(plain)):
+        first = cached[i][0]
+        assert torch.equal(first, plain[i][0])
+        first.mul_(0)  # a caller modifying its sample must not change the cached cloud
+        assert torch.equal(cached[i][0], plain[i][0])
+    assert len(cached._cache) == len(plain)

@@ -115,6 +115,8 @@ class Shapes(Dataset):
             (training for sparse and dense scans; the adapter resamples to its own ``num_points``).
         partial_prob: the probability that a sample is a single partial view (:func:`partial_view` of a cloud
             with three times the points), training for one-sided scans.
+        cache: keep each generated cloud in memory (samples are deterministic per index, so epochs after the
+            first skip generation: ~3 ms per sample, 100 ms of a batch of 32; about 25 MB per 1000 clouds).
         transform: applied to the points tensor; ``target_transform`` to the label index.
     """
 
@@ -134,6 +136,7 @@ class Shapes(Dataset):
         sampling: str = "uniform",
         num_points_range: tuple[int, int] | None = None,
         partial_prob: float = 0.0,
+        cache: bool = False,
         transform: Callable[[torch.Tensor], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
     ) -> None:
@@ -166,6 +169,7 @@ class Shapes(Dataset):
         }
         self.transform = transform
         self.target_transform = target_transform
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
         self.targets = [i % len(SHAPE_CLASSES) for i in range(len(self))]
 
     def __len__(self) -> int:
@@ -176,6 +180,20 @@ class Shapes(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
         label = index % len(SHAPE_CLASSES)
+        pts = self._cache.get(index) if self._cache is not None else None
+        if pts is None:
+            pts = self._generate(index, label)
+            if self._cache is not None:
+                self._cache[index] = pts
+        x: Any = torch.from_numpy(pts.copy() if self._cache is not None else pts)  # callers may modify x
+        y: Any = label
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.target_transform is not None:
+            y = self.target_transform(y)
+        return x, y
+
+    def _generate(self, index: int, label: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self._split_code, index])
         n = self.num_points
         if self.num_points_range is not None:  # log-uniform point count (sparse and dense scans)
@@ -185,13 +203,7 @@ class Shapes(Dataset):
         pts = sample_shape(SHAPE_CLASSES[label], 3 * n if partial else n, rng, **self.options)
         if partial:  # what one camera sees: about a third of the points of a 3n-point cloud
             pts = partial_view(pts, rng)
-        x: Any = torch.from_numpy(pts)
-        y: Any = label
-        if self.transform is not None:
-            x = self.transform(x)
-        if self.target_transform is not None:
-            y = self.target_transform(y)
-        return x, y
+        return pts
 
     def __repr__(self) -> str:
         return f"Shapes(split={self.split!r}, n={len(self)}, num_points={self.num_points}, seed={self.seed})"
