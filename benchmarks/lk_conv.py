@@ -32,7 +32,7 @@ Peak extra memory (MB) of one call, Linux only and approximate: free heap pages 
 and the result is VmHWM − VmRSS(before). It counts what the call allocates and touches (output, gradients,
 workspaces, layout copies) at page granularity; allocator caching and the threads' arenas blur it.
 
-``--calibrate`` instead prints, per configuration (kernel cropped with
+``--calibrate`` instead prints, per configuration (native, channels_last and fft timed; kernel cropped with
 :func:`uniperception.ops.crop_kernel_to_reach`), the measured ``channels_last`` and ``fft`` times next to
 :func:`uniperception.ops.estimate_cost_ms`, the implementation the cost model picks and the faster measured one.
 
@@ -421,9 +421,9 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
     lines = [
         header_line(meta),
         "",
-        "| Pass | Batch | C@H×W | Kernel | cropped to | channels_last ms | est. | fft ms | est. "
-        "| auto picks | faster measured | cost of the pick (× best) |",
-        "|---|--:|---|---|---|--:|--:|--:|--:|---|---|--:|",
+        "| Pass | Batch | C@H×W | Kernel | cropped to | native ms | channels_last ms | est. | fft ms | est. "
+        "| auto picks | fastest measured | cost of the pick (× best) |",
+        "|---|--:|---|---|---|--:|--:|--:|--:|--:|---|---|--:|",
     ]
     for r in results:
         c = r.config
@@ -432,13 +432,13 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
         kc = tuple(wc.shape[-2:])
         shape = (c.batch, c.c, c.h, c.w)
         est = {i: estimate_cost_ms(i, shape, kc, pc, c.training) for i in ("channels_last", "fft")}
-        meas = {i: r.ms(i) for i in ("channels_last", "fft")}
+        meas = {i: r.ms(i) for i in ("native", "channels_last", "fft")}
         best = min(meas, key=meas.__getitem__)
         pick = r.auto_impl
         cost = meas[pick] / meas[best] if pick in meas else float("nan")
         lines.append(
             f"| {c.pass_} | {c.batch} | {c.shape_label} | {c.kernel_label} | {kc[0]}×{kc[1]} "
-            f"| {_fmt_ms(meas['channels_last'])} | {_fmt_ms(est['channels_last'])} "
+            f"| {_fmt_ms(meas['native'])} | {_fmt_ms(meas['channels_last'])} | {_fmt_ms(est['channels_last'])} "
             f"| {_fmt_ms(meas['fft'])} | {_fmt_ms(est['fft'])} | {pick} | {best} | {cost:.2f} |"
         )
     return "\n".join(lines)
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_malloc_env()
     grid = build_grid(shapes, kernels, batches, args.passes)
     if args.calibrate:
-        results = run_grid(grid, args, lambda c: ["channels_last", "fft"], measure_memory=False)
+        results = run_grid(grid, args, lambda c: ["native", "channels_last", "fft"], measure_memory=False)
     else:
         results = run_grid(grid, args, lambda c: impls_for(c, args.all_impls), not args.no_memory)
     threads = torch.get_num_threads()

@@ -135,7 +135,22 @@ def test_auto_prefers_fft_for_large_kernels_in_training_and_direct_for_small():
     assert ops.choose_impl(x, w3, (1, 1), (1, 1), training=False) == "channels_last"
     assert ops.choose_impl(x, w13, (6, 6), (1, 1), training=True) == "fft"
     w51 = torch.randn(320, 1, 13, 13)  # a 51×51 kernel on 7×7 maps after cropping
-    assert ops.choose_impl(torch.randn(32, 320, 7, 7), w51, (6, 6), (1, 1), training=False) == "channels_last"
+    small = torch.randn(32, 320, 7, 7)
+    # inference: PyTorch's NCHW kernel on NCHW input, oneDNN's NHWC one (15×15-padded) on channels-last input
+    assert ops.choose_impl(small, w51, (6, 6), (1, 1), training=False) == "native"
+    cl = small.contiguous(memory_format=torch.channels_last)
+    assert ops.choose_impl(cl, w51, (6, 6), (1, 1), training=False) == "channels_last"
+    assert ops.choose_impl(x, torch.randn(64, 1, 31, 31), (15, 15), (1, 1), training=False) != "native"
+
+
+def test_fft_keeps_the_channels_last_layout():
+    """A channels-last model must get a channels-last tensor back from the FFT path (and the same values)."""
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 13, 13)
+    y = depthwise_conv2d(x, w, padding=6, impl="fft")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_err(y, F.conv2d(x, w, None, 1, 6, 1, 8)) <= 1e-4
+    assert not depthwise_conv2d(x.contiguous(), w, padding=6, impl="fft").is_contiguous(memory_format=torch.channels_last)
 
 
 def test_forcing_implementations(monkeypatch):
@@ -207,6 +222,39 @@ def test_fused_linear_gelu_matches_eager():
     linear_gelu_nchw(x, wg, b).sum().backward()
     assert wg.grad is not None
     assert isinstance(onednn_fusion_available(), bool)
+
+
+def test_fused_linear_add_matches_eager(monkeypatch):
+    from uniperception.ops import fused
+
+    x = torch.randn(3, 32, 11, 13).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(3, 8, 11, 13).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, 32), torch.randn(8)
+    ref = other + F.conv2d(x, w[:, :, None, None], b)
+    calls = []
+    real = torch.ops.mkldnn._convolution_pointwise.binary
+    monkeypatch.setattr(fused, "_onednn_binary", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = fused.linear_add_nchw(x, w, b, other)
+        out_nchw = fused.linear_add_nchw(x.contiguous(), w, b, other.contiguous())  # any input layout
+    assert max_rel_err(out, ref) <= 1e-5 and max_rel_err(out_nchw, ref) <= 1e-5
+    assert len(calls) == (2 if fused._binary_fusion_available() else 0)
+    wg = w.clone().requires_grad_()  # with autograd the eager path runs and gradients flow
+    fused.linear_add_nchw(x, wg, b, other).sum().backward()
+    assert wg.grad is not None and len(calls) <= 2
+
+
+def test_deploy_block_with_fused_residual_matches_training_form():
+    """The deploy form joins the skip connection inside pwconv2's oneDNN op: outputs stay those of training."""
+    m = UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), kernel_sizes=((3,), (13,), (13, 11), (7,)),
+                    num_classes=5).eval()
+    randomize_(m, seed=0)
+    x = torch.randn(2, 3, 75, 61)
+    with torch.no_grad():
+        ref = m(x)
+        m.reparameterize()
+        dep = m(x)
+    assert max_rel_err(dep, ref) <= 1e-4
 
 
 def test_dilated_small_kernels_stay_direct_in_training():

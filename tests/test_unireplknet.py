@@ -306,3 +306,38 @@ def test_grn_gradient_is_finite_on_an_all_zero_channel(channels_first: bool) -> 
     grad = inp.grad.permute(0, 2, 3, 1) if channels_first else inp.grad
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw", "channels_last"])
+@pytest.mark.parametrize("with_beta", [True, False])
+def test_grn_handwritten_backward_matches_autograd_of_the_official_formula(layout: str, with_beta: bool) -> None:
+    """Training GRN's own backward: input, gamma and beta gradients equal autograd's of the official maths."""
+    g = torch.Generator().manual_seed(1)
+    grn = GRN(6, use_bias=with_beta).double()
+    with torch.no_grad():
+        grn.gamma.copy_(torch.randn(grn.gamma.shape, generator=g, dtype=torch.float64))
+        if grn.beta is not None:
+            grn.beta.copy_(torch.randn(grn.beta.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 5, 7, 6, generator=g, dtype=torch.float64)  # NHWC, odd spatial sizes
+    x[1, ..., 2] = 0  # an all-zero channel
+    up_grad = torch.randn(3, 5, 7, 6, generator=g, dtype=torch.float64)
+
+    ref_x = x.clone().requires_grad_()
+    gx = torch.linalg.vector_norm(ref_x, dim=(1, 2), keepdim=True)
+    ref = (grn.gamma * (gx / (gx.mean(-1, keepdim=True) + 1e-6)) + 1) * ref_x
+    if grn.beta is not None:
+        ref = ref + grn.beta
+    ref_params = torch.autograd.grad(ref, [ref_x, *grn.parameters()], up_grad)
+
+    inp = x.clone() if layout == "nhwc" else x.permute(0, 3, 1, 2)
+    if layout == "nchw":
+        inp = inp.contiguous()
+    inp = inp.requires_grad_()
+    out = grn(inp) if layout == "nhwc" else grn.forward_channels_first(inp)
+    grad_out = up_grad if layout == "nhwc" else up_grad.permute(0, 3, 1, 2)
+    got = torch.autograd.grad(out, [inp, *grn.parameters()], grad_out)
+    got_x = got[0] if layout == "nhwc" else got[0].permute(0, 2, 3, 1)
+    torch.testing.assert_close(out if layout == "nhwc" else out.permute(0, 2, 3, 1), ref.detach())
+    torch.testing.assert_close(got_x, ref_params[0])
+    for a, b in zip(got[1:], ref_params[1:], strict=True):
+        torch.testing.assert_close(a, b)

@@ -189,7 +189,7 @@ class RepLKNet(Backbone):
         outs = []
         last = max(self.out_indices)
         for i in range(last + 1):
-            x = self.stages[i](x)
+            x = self._stage_out(self.stages[i](x))
             outs.append(x)
             if i < last:
                 x = self.transitions[i](x)
@@ -199,7 +199,7 @@ class RepLKNet(Backbone):
         """The final feature map (``B × channels[-1] × ⌈H/32⌉ × ⌈W/32⌉``), before the final norm."""
         x = self._stem(x)
         for i in range(self.num_stages):
-            x = self.stages[i](x)
+            x = self._stage_out(self.stages[i](x))
             if i < self.num_stages - 1:
                 x = self.transitions[i](x)
         return x

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,62 @@ def _spatial_sum_of_squares(x: Tensor, spatial: tuple[int, int]) -> Tensor:
     return out.view(b, c, 1, 1) if spatial == (2, 3) else out.view(b, 1, 1, c)
 
 
+def _spatial_sum(t: Tensor) -> Tensor:
+    """``t.sum((2, 3))`` of an ``B×C×H×W`` tensor as ``[B, C]``; a ``ones @ t`` GEMM when channels are innermost."""
+    b, c, h, w = t.shape
+    nhwc = t.permute(0, 2, 3, 1)
+    if nhwc.is_contiguous():
+        return torch.matmul(t.new_ones(b, 1, h * w), nhwc.reshape(b, h * w, c)).view(b, c)
+    return t.sum((2, 3))
+
+
+class _GRNTrain(torch.autograd.Function):
+    """GRN on ``B×C×H×W`` (any memory format) with a hand-written backward.
+
+    Autograd's backward of the composed ops makes about twelve passes over the block's widest tensor (a
+    square, an outer-product GEMM, several full-size products and sums); written out it needs one product
+    ``g·x`` reduced per (sample, channel), one sum of ``g`` per channel and one fused ``g·scale + x·k``.
+    The forward fuses ``x·scale + beta`` into one ``addcmul``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
+        b, c = x.shape[:2]
+        buf = x * x  # reused for the output: one full-size allocation instead of two
+        ss = _spatial_sum(buf)
+        tiny = torch.finfo(ss.dtype).tiny
+        gx = ss.clamp_min(tiny).sqrt()
+        m = gx.mean(1, keepdim=True) + eps
+        nx = gx / m
+        g = gamma.reshape(1, c)
+        scale = (1 + g * nx).view(b, c, 1, 1)
+        out = torch.mul(x, scale, out=buf) if beta is None else torch.addcmul(beta.reshape(1, c, 1, 1), x, scale, out=buf)
+        ctx.save_for_backward(x, gamma, gx, m, nx, scale, ss > tiny)
+        ctx.beta_shape = None if beta is None else beta.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, gamma, gx, m, nx, scale, live = ctx.saved_tensors
+        b, c = x.shape[:2]
+        grad = grad.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else grad.contiguous()
+        buf = grad * x
+        r = _spatial_sum(buf)  # dL/dscale, [B, C]
+        g = gamma.reshape(1, c)
+        dgamma = (r * nx).sum(0).view_as(gamma)
+        dbeta = None if ctx.beta_shape is None else _spatial_sum(grad).sum(0).view(ctx.beta_shape)
+        dnx = r * g
+        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (c * m * m)
+        dss = torch.where(live, dgx * 0.5 / gx, torch.zeros_like(dgx))
+        dx = torch.mul(grad, scale, out=buf).addcmul_(x, (2 * dss).view(b, c, 1, 1))  # buf reused: no new tensor
+        return dx, dgamma, dbeta, None
+
+
+def _is_nhwc(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class GRN(nn.Module):
     """Global Response Normalisation on NHWC input: ``(gamma·N(x) + 1)·x + beta``.
 
@@ -78,6 +136,15 @@ class GRN(nn.Module):
         return self._grn(x, spatial=(2, 3), channel=1, shape=(1, -1, 1, 1))
 
     def _grn(self, x: Tensor, spatial: tuple[int, int], channel: int, shape: tuple[int, ...]) -> Tensor:
+        if (
+            torch.is_grad_enabled() and x.dim() == 4
+            and (x.requires_grad or self.gamma.requires_grad or (self.beta is not None and self.beta.requires_grad))
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        ):
+            # training: the hand-written backward (same values); NHWC input runs as its NCHW-shaped view
+            xc = x if spatial == (2, 3) else x.permute(0, 3, 1, 2)
+            out = _GRNTrain.apply(xc, self.gamma, self.beta, self.eps)
+            return out if spatial == (2, 3) else out.permute(0, 2, 3, 1)
         # clamp: a channel that is exactly zero everywhere (GELU underflow on small late-stage maps) would give
         # sqrt'(0) = inf and a NaN gradient; torch.norm's sub-gradient is 0 there, and so is clamp's.
         ss = _spatial_sum_of_squares(x, spatial)

@@ -76,11 +76,12 @@ def _native(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], di
 def _channels_last(
     x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
 ) -> Tensor:
-    # oneDNN's NHWC 13×13 forward is a slow spot that 15×15 avoids; in training the padded kernel's
+    # oneDNN's NHWC 13×13 forward is a slow spot on maps up to ~28 wide that 15×15 avoids (2.0-2.4× at
+    # 80@28², 160@14², 320@7²; at 56² the plain kernel is faster); in training the padded kernel's
     # backward is 4-5× slower (docs/benchmarks.md), so only inference pads
     if (
         x.device.type == "cpu" and tuple(w.shape[-2:]) == (13, 13) and dilation == (1, 1)
-        and not _needs_grad(x, w, b)
+        and x.shape[-1] <= _PAD13_MAX_WIDTH and not _needs_grad(x, w, b)
     ):
         w = F.pad(w, (1, 1, 1, 1))
         padding = (padding[0] + 1, padding[1] + 1)
@@ -98,7 +99,15 @@ def _blocked(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], d
 
 
 def _fft(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    return fft_depthwise_conv2d(x, w, b, padding, dilation)
+    y = fft_depthwise_conv2d(x, w, b, padding, dilation)
+    # keep the caller's layout: a channels-last model handed an NCHW tensor would run every later op of
+    # the block (norms, 1×1 convs, residual add) on the slower NCHW paths or convert back and forth
+    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out NHWC (and not also NCHW-contiguous, as tensors with C or H·W of 1 are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _triton(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
@@ -190,6 +199,11 @@ _DIRECT_WGRAD_MS_PER_MAC_K7 = 7e-8
 _DIRECT_WGRAD_AREA_EXPONENT = 0.9
 _FFT_MS_PER_UNIT = {False: 3.3e-7, True: 9e-7}
 _FFT_MS_PER_PLANE = {False: 1e-4, True: 3e-4}
+# inference on NCHW input: PyTorch's own NCHW kernel beats converting to channels-last for mid-size kernels
+# (13×13: 1.3-1.6× faster than channels_last at every stage shape, 51×5 too), but falls off a cliff for
+# large ones (31×31 at 40@56²: 631 ms vs 34 ms), so it is a candidate up to this many taps
+_NCHW_NATIVE_MAX_TAPS = 255
+_PAD13_MAX_WIDTH = 32
 
 
 def _taps(size: int, k: int, pad: int, dil: int) -> int:
@@ -260,8 +274,11 @@ def choose_impl(
             _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
         return _AUTOTUNE_CACHE[key]
     kh, kw = weight.shape[-2:]
-    if max(kh, kw) <= 7 and not training and dilation == (1, 1):
-        return "channels_last"
+    if not training and dilation == (1, 1):
+        if max(kh, kw) <= 7:
+            return "channels_last"
+        if kh * kw <= _NCHW_NATIVE_MAX_TAPS and not _is_channels_last(x):
+            return "native"
     shape = tuple(x.shape)
     costs = {
         impl: estimate_cost_ms(impl, shape, (kh, kw), padding, training, dilation)
