@@ -325,8 +325,7 @@ def make_official(model: nn.Module) -> nn.Module:
     * NCHW activations (``model.channels_last = False``);
     * every depthwise conv is a plain ``nn.Conv2d.forward`` (``F.conv2d`` as called: no kernel cropping, no
       dispatch; ``set_conv_impl("native")`` is also applied so the setting reads "native");
-    * every block's ``residual`` is the official formulation (:func:`official_residual`), added to the
-      skip connection as a separate op (the package's deploy form fuses that add into ``pwconv2``);
+    * every block's ``residual`` is the official formulation (:func:`official_residual`);
     * every channels-first LayerNorm uses the official explicit formula.
 
     Same modules, parameters and maths, so outputs agree with the engine to float rounding.
@@ -340,7 +339,6 @@ def make_official(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, UniRepLKNetBlock):
             m.residual = types.MethodType(official_residual, m)
-            m.fuse_skip = False  # x + residual(x) as two ops, as the official code
         elif isinstance(m, DepthwiseConv2d):
             m.forward = types.MethodType(nn.Conv2d.forward, m)
         elif isinstance(m, LayerNorm2d):

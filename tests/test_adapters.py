@@ -144,6 +144,21 @@ def test_audio_default_frames_are_one_window() -> None:
     assert ad.out_channels == 1
 
 
+def test_audio_mean_norm_removes_gain_and_fixed_colouring() -> None:
+    rng = np.random.default_rng(0)
+    speechy = (sine(300, 1.0, SR)[:, 0] * np.linspace(0, 1, SR) + 0.05 * rng.standard_normal(SR)).astype(np.float32)
+    ad = AudioAdapter(AudioConfig(mean_norm=True, num_mel_bins=64))
+    a = ad.preprocess(speechy, sample_rate=SR)
+    b = ad.preprocess(speechy * 0.25, sample_rate=SR)  # -12 dB: a constant shift of every log-mel bin
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    plain = AudioAdapter(AudioConfig(num_mel_bins=64))
+    assert float((plain.preprocess(speechy, sample_rate=SR) - plain.preprocess(speechy * 0.25, sample_rate=SR))
+                 .abs().max()) > 0.1
+    # each mel bin is centred on the global mean over the window's frames
+    per_bin = a[0, 0].mean(1) * 2 * ad.config.norm_std
+    assert float(per_bin.abs().max()) < 1e-4
+
+
 def test_audio_resample_and_mixdown_keep_the_peak_mel_bin() -> None:
     ad = AudioAdapter()
     mono = ad.preprocess(sine(1000, 1.0, SR)[:, 0], sample_rate=SR)

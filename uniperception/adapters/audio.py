@@ -77,6 +77,9 @@ class AudioConfig(AdapterConfig):
     hop_seconds: float = 0.5
     norm_mean: float = AUDIO_NORM_MEAN
     norm_std: float = AUDIO_NORM_STD
+    #: subtract each mel bin's mean over the window's frames first (cepstral mean normalisation): removes a
+    #: fixed spectral colouring of the recording chain or the synthesiser, and any overall gain
+    mean_norm: bool = False
     # train=True augmentation (official AST Speech Commands recipe)
     freq_mask: int = 48
     time_mask: int = 48
@@ -692,6 +695,8 @@ class AudioAdapter(ModalityAdapter):
         frames = cfg.num_frames()
         fb = self.fbank(window)
         fb = fb[:frames]
+        if cfg.mean_norm:  # per-bin mean over the real frames (before any padding), back at the global mean
+            fb = fb - fb.mean(0, keepdim=True) + cfg.norm_mean
         if fb.shape[0] < frames:  # official: zero-pad the log-mel frames at the end
             fb = F.pad(fb, (0, 0, 0, frames - fb.shape[0]))
         if train:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.fused import linear_add_nchw, linear_gelu_nchw
+from ..ops.fused import linear_gelu_nchw
 from .dilated_reparam import (
     DILATED_BRANCHES,
     DilatedReparamBlock,
@@ -114,9 +114,6 @@ class UniRepLKNetBlock(nn.Module):
             nn.Parameter(layer_scale_init_value * torch.ones(dim)) if use_ls else None  # type: ignore[operator]
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        #: in the deploy form, add the skip connection inside pwconv2's oneDNN op (CPU inference); code that
-        #: replaces :meth:`residual` (export to NHWC MatMuls, the official re-creation) turns this off
-        self.fuse_skip = True
 
     def residual(self, x: Tensor) -> Tensor:
         """The residual branch ``F(x)`` (without the skip connection).
@@ -127,31 +124,22 @@ class UniRepLKNetBlock(nn.Module):
         twice the speed of the Linear's GEMM at these shapes on CPU) do the pointwise work. The module tree and
         the state-dict keys are the official ones.
         """
-        lin2: nn.Linear = self.pwconv2[0]
-        y = F.conv2d(self._hidden(x), lin2.weight[:, :, None, None], lin2.bias)
-        if len(self.pwconv2) == 3:
-            y = self.pwconv2[2](y)
-        if self.gamma is not None:
-            y = y * self.gamma.view(1, -1, 1, 1)
-        return self.drop_path(y)
-
-    def _hidden(self, x: Tensor) -> Tensor:
-        """The residual branch up to the input of ``pwconv2``: dwconv, norm, SE, pwconv1, GELU, GRN."""
         y = self.se(self.norm(self.dwconv(x)))
         lin1: nn.Linear = self.pwconv1[1]
         if isinstance(self.act[0], nn.GELU) and self.act[0].approximate == "none":
             y = linear_gelu_nchw(y, lin1.weight, lin1.bias)  # one oneDNN op in CPU inference
         else:
             y = self.act[0](F.conv2d(y, lin1.weight[:, :, None, None], lin1.bias))
-        return self.act[1].forward_channels_first(y)
+        y = self.act[1].forward_channels_first(y)
+        lin2: nn.Linear = self.pwconv2[0]
+        y = F.conv2d(y, lin2.weight[:, :, None, None], lin2.bias)
+        if len(self.pwconv2) == 3:
+            y = self.pwconv2[2](y)
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, 1, 1)
+        return self.drop_path(y)
 
     def _forward(self, x: Tensor) -> Tensor:
-        if self.fuse_skip and len(self.pwconv2) == 2 and self.gamma is None and not (
-            self.training and isinstance(self.drop_path, DropPath)
-        ):
-            # deploy form: pwconv2 ends the branch, so the skip connection joins it as a oneDNN post-op
-            lin2: nn.Linear = self.pwconv2[0]
-            return linear_add_nchw(self._hidden(x), lin2.weight, lin2.bias, x)
         return x + self.residual(x)
 
     def forward(self, x: Tensor) -> Tensor:

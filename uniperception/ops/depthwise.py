@@ -4,10 +4,12 @@ Every implementation computes ``F.conv2d(x, weight, bias, stride=1, padding, dil
 depthwise weight ``[C, 1, kh, kw]`` (rectangular and dilated kernels included) and is differentiable:
 
 * ``native``: PyTorch's own convolution, as called (the reference).
-* ``channels_last``: oneDNN's direct NHWC kernel; a 13×13 kernel is zero-padded to 15×15 there (oneDNN's
-  13×13 NHWC path is twice as slow as its 15×15 one, for the same output).
+* ``channels_last``: oneDNN's direct NHWC kernel; in inference a 13×13 kernel on maps up to 32 wide is
+  zero-padded to 15×15 there (oneDNN's 13×13 NHWC path is twice as slow as its 15×15 one at those sizes, for
+  the same output).
 * ``blocked``: oneDNN on its 16-channel blocked layout (inference only, float32, CPU).
-* ``fft``: real 2-D FFTs (:mod:`uniperception.ops.fft`), whose cost does not grow with the kernel.
+* ``fft``: real 2-D FFTs (:mod:`uniperception.ops.fft`), whose cost does not grow with the kernel; the
+  result keeps the input's memory format (channels-last in, channels-last out).
 * ``triton``: a Triton GPU kernel (:mod:`uniperception.ops.triton_dw`), imported only on CUDA.
 
 Before any implementation runs, the kernel is **cropped to the taps that can reach the image** (for a
