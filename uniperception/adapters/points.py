@@ -23,6 +23,7 @@ Output ``[B·views, C', S, S]`` in batch-major order (row ``b·views + v``); ``v
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -90,6 +91,7 @@ class PointsConfig(AdapterConfig):
 # --------------------------------------------------------------------------------------------- reading
 
 
+@functools.cache  # the sampler calls it per cloud: load libusb and Open3D once
 def _import_open3d() -> Any:
     import ctypes
 

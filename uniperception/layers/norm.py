@@ -33,28 +33,20 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def _spatial_sum_of_squares(x: Tensor, spatial: tuple[int, int]) -> Tensor:
-    """``(x²).sum(spatial, keepdim=True)``, fast on CPU for every layout.
-
-    When the channels are innermost in memory (NHWC, or NCHW in channels-last format) the reduction over
-    the outer spatial dims is done as a ``ones @ x²`` GEMM: 3-5× faster than ``sum`` or
-    ``torch.linalg.vector_norm`` there (measured at UniRepLKNet's stage shapes on a 2-core x86 CPU).
-    """
+    """``(x²).sum(spatial, keepdim=True)`` for NCHW (``spatial=(2, 3)``) or NHWC (``(1, 2)``) ``x``, fast on CPU."""
     sq = x * x
     if spatial == (2, 3):
-        nhwc = sq.permute(0, 2, 3, 1)
-    elif spatial == (1, 2):
-        nhwc = sq
-    else:  # pragma: no cover - internal use only
-        return sq.sum(spatial, keepdim=True)
-    if not nhwc.is_contiguous():
-        return sq.sum(spatial, keepdim=True)
-    b, h, w, c = nhwc.shape
-    out = torch.matmul(sq.new_ones(b, 1, h * w), nhwc.reshape(b, h * w, c))  # [b, 1, c]
-    return out.view(b, c, 1, 1) if spatial == (2, 3) else out.view(b, 1, 1, c)
+        return _spatial_sum(sq)[:, :, None, None]
+    return _spatial_sum(sq.permute(0, 3, 1, 2))[:, None, None, :]
 
 
 def _spatial_sum(t: Tensor) -> Tensor:
-    """``t.sum((2, 3))`` of an ``B×C×H×W`` tensor as ``[B, C]``; a ``ones @ t`` GEMM when channels are innermost."""
+    """``t.sum((2, 3))`` of a ``B×C×H×W`` tensor, as ``[B, C]``.
+
+    When the channels are innermost in memory (channels-last, or an NHWC tensor's NCHW view) the reduction over
+    the outer spatial dims is done as a ``ones @ t`` GEMM: 3-5× faster than ``sum`` or ``torch.linalg.vector_norm``
+    there (measured at UniRepLKNet's stage shapes on a 2-core x86 CPU).
+    """
     b, c, h, w = t.shape
     nhwc = t.permute(0, 2, 3, 1)
     if nhwc.is_contiguous():
@@ -92,7 +84,9 @@ class _GRNTrain(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, gamma, gx, m, nx, scale, live = ctx.saved_tensors
         b, c = x.shape[:2]
-        grad = grad.contiguous(memory_format=torch.channels_last) if _is_nhwc(x) else grad.contiguous()
+        # the gradient in x's layout: elementwise ops on mixed layouts take PyTorch's slow strided loops
+        cl = x.is_contiguous(memory_format=torch.channels_last)
+        grad = grad.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         buf = grad * x
         r = _spatial_sum(buf)  # dL/dscale, [B, C]
         g = gamma.reshape(1, c)
@@ -103,10 +97,6 @@ class _GRNTrain(torch.autograd.Function):
         dss = torch.where(live, dgx * 0.5 / gx, torch.zeros_like(dgx))
         dx = torch.mul(grad, scale, out=buf).addcmul_(x, (2 * dss).view(b, c, 1, 1))  # buf reused: no new tensor
         return dx, dgamma, dbeta, None
-
-
-def _is_nhwc(x: Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class GRN(nn.Module):
