@@ -341,3 +341,30 @@ def test_grn_handwritten_backward_matches_autograd_of_the_official_formula(layou
     torch.testing.assert_close(got_x, ref_params[0])
     for a, b in zip(got[1:], ref_params[1:], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_inplace_inference_matches_and_can_be_turned_off_for_hooks() -> None:
+    """Inference scales block temporaries in place: same logits; hooks see intact outputs when switched off."""
+    from _utils import randomize_
+
+    m = UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), kernel_sizes=((3,), (13,), (13, 0), (7,)),
+                    num_classes=5).eval()
+    randomize_(m, seed=3)
+    x = torch.randn(2, 3, 67, 45)
+    ref = m(x).detach()  # autograd on: nothing in place
+    block = m.stages[1][0]
+    seen: list[torch.Tensor] = []
+    block.norm.register_forward_hook(lambda mod, inp, out: seen.append(out))  # SE's input
+    with torch.no_grad():
+        fast = m(x)
+        hooked = seen[-1].clone()
+        block.inplace_inference = False
+        slow = m(x)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        stage_in = m.downsample_layers[1](m.stages[0](m.downsample_layers[0](x.contiguous(
+            memory_format=torch.channels_last))))
+        intact = block.norm(block.dwconv(stage_in))
+    torch.testing.assert_close(seen[-1], intact)  # switched off: the hook kept the true output
+    assert not torch.allclose(hooked, intact)  # switched on: SE had scaled it in place afterwards

@@ -121,11 +121,16 @@ class GRN(nn.Module):
         """GRN on an NHWC tensor (the official layout)."""
         return self._grn(x, spatial=(1, 2), channel=-1, shape=(1, 1, 1, -1))
 
-    def forward_channels_first(self, x: Tensor) -> Tensor:
-        """GRN on an NCHW tensor (any memory format): the same maths over dims (2, 3) / 1."""
-        return self._grn(x, spatial=(2, 3), channel=1, shape=(1, -1, 1, 1))
+    def forward_channels_first(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """GRN on an NCHW tensor (any memory format): the same maths over dims (2, 3) / 1.
 
-    def _grn(self, x: Tensor, spatial: tuple[int, int], channel: int, shape: tuple[int, ...]) -> Tensor:
+        ``inplace=True`` (inference only, for a temporary ``x`` nobody else reads) scales ``x`` in place.
+        """
+        return self._grn(x, spatial=(2, 3), channel=1, shape=(1, -1, 1, 1), inplace=inplace)
+
+    def _grn(
+        self, x: Tensor, spatial: tuple[int, int], channel: int, shape: tuple[int, ...], inplace: bool = False
+    ) -> Tensor:
         if (
             torch.is_grad_enabled() and x.dim() == 4
             and (x.requires_grad or self.gamma.requires_grad or (self.beta is not None and self.beta.requires_grad))
@@ -141,5 +146,5 @@ class GRN(nn.Module):
         gx = ss.clamp_min(torch.finfo(ss.dtype).tiny).sqrt()
         nx = gx / (gx.mean(dim=channel, keepdim=True) + self.eps)
         scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(shape), nx)
-        out = x * scale
-        return out if self.beta is None else out + self.beta.view(shape)
+        out = x.mul_(scale) if inplace else x * scale
+        return out if self.beta is None else out.add_(self.beta.view(shape))

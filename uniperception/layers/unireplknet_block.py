@@ -22,7 +22,7 @@ from .dilated_reparam import (
     replace_conv_with_bias,
 )
 from .drop import DropPath
-from .norm import GRN
+from .norm import GRN, _spatial_sum
 from .reparam import compute_dtype, fuse_bn
 
 __all__ = ["SUPPORTED_KERNEL_SIZES", "Permute", "SEBlock", "UniRepLKNetBlock"]
@@ -53,14 +53,20 @@ class SEBlock(nn.Module):
         self.down = nn.Conv2d(channels, hidden, 1, bias=True)
         self.up = nn.Conv2d(hidden, channels, 1, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        s = x.mean((2, 3), keepdim=True)
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``inplace=True`` (inference only, for a temporary ``x`` nobody else reads) scales ``x`` in place."""
+        s = (_spatial_sum(x) / (x.shape[2] * x.shape[3]))[:, :, None, None]  # the mean, as a GEMM on channels-last
         s = torch.sigmoid(self.up(F.relu(self.down(s))))
-        return x * s
+        return x.mul_(s) if inplace else x * s
 
 
 class UniRepLKNetBlock(nn.Module):
     """One residual block of UniRepLKNet.
+
+    Without autograd the block scales its own temporaries in place (SE on the dwconv/norm output, GRN on the
+    GELU output), measured 3 % faster for UniRepLKNet-A at batch 32 on CPU. Forward hooks on ``dwconv``/``norm``
+    that keep their output would then see it scaled: set ``inplace_inference = False`` on the block (or the
+    class) to keep every intermediate intact.
 
     Args:
         dim: channels.
@@ -72,6 +78,8 @@ class UniRepLKNetBlock(nn.Module):
         use_sync_bn: ``SyncBatchNorm`` instead of ``BatchNorm2d`` (same keys).
         ffn_factor: hidden width of the feed-forward as a multiple of ``dim``.
     """
+
+    inplace_inference: bool = True
 
     def __init__(
         self,
@@ -124,13 +132,18 @@ class UniRepLKNetBlock(nn.Module):
         twice the speed of the Linear's GEMM at these shapes on CPU) do the pointwise work. The module tree and
         the state-dict keys are the official ones.
         """
-        y = self.se(self.norm(self.dwconv(x)))
+        # inference: scale the block's own temporaries in place (saves a full-size allocation and write each)
+        inplace = self.inplace_inference and not torch.is_grad_enabled() and not (
+            torch.jit.is_tracing() or torch.compiler.is_compiling()
+        )
+        y = self.norm(self.dwconv(x))
+        y = self.se(y, inplace=inplace and y is not x)
         lin1: nn.Linear = self.pwconv1[1]
         if isinstance(self.act[0], nn.GELU) and self.act[0].approximate == "none":
             y = linear_gelu_nchw(y, lin1.weight, lin1.bias)  # one oneDNN op in CPU inference
         else:
             y = self.act[0](F.conv2d(y, lin1.weight[:, :, None, None], lin1.bias))
-        y = self.act[1].forward_channels_first(y)
+        y = self.act[1].forward_channels_first(y, inplace=inplace)
         lin2: nn.Linear = self.pwconv2[0]
         y = F.conv2d(y, lin2.weight[:, :, None, None], lin2.bias)
         if len(self.pwconv2) == 3:
