@@ -233,11 +233,7 @@ def load_audio(path: str | os.PathLike[str]) -> tuple[Tensor, int]:
     video, …) through PyAV. Missing files raise :class:`InvalidInputError`; undecodable, truncated or
     audio-less files :class:`UnsupportedFormatError`; files without samples :class:`InvalidInputError`.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidInputError(f"audio file not found: {p}")
-    if p.stat().st_size == 0:
-        raise InvalidInputError(f"audio file {p} is empty (0 bytes)")
+    p = _existing_audio_file(Path(path))
     errors: list[str] = []
     if p.suffix.lower() in _SOUNDFILE_SUFFIXES:
         import soundfile as sf
@@ -476,15 +472,21 @@ def _pyav_blocks(path: Path, container: Any, declared: float | None, info: dict[
         )
 
 
+def _existing_audio_file(p: Path) -> Path:
+    """``p`` if it is a non-empty file, else :class:`InvalidInputError` saying which it is not."""
+    if not p.is_file():
+        raise InvalidInputError(f"audio file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InvalidInputError(f"audio file {p} is empty (0 bytes)")
+    return p
+
+
 def _open_audio_stream(path: Path) -> tuple[int, int | None, Iterator[Tensor]]:
     """Open an audio file for streaming → (sample rate, frames if known, ``channels × samples`` blocks).
 
     Same routing and errors as :func:`load_audio`, raised as the file is read.
     """
-    if not path.is_file():
-        raise InvalidInputError(f"audio file not found: {path}")
-    if path.stat().st_size == 0:
-        raise InvalidInputError(f"audio file {path} is empty (0 bytes)")
+    _existing_audio_file(path)
     errors: list[str] = []
     if path.suffix.lower() in _SOUNDFILE_SUFFIXES:
         import soundfile as sf
