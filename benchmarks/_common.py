@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -180,6 +181,58 @@ def wait_for_quiet(threshold: float, max_wait_s: float, sample_s: float = 2.0) -
         waited = time.perf_counter() - t0
         if ok >= 2 or waited >= max_wait_s:
             return waited
+
+
+def timed_rounds(
+    one_round: Callable[[int, OtherLoad], str],
+    others: list[float],
+    repeats: int,
+    *,
+    quiet_threshold: float,
+    max_rounds: int,
+    time_budget_s: float | None = None,
+    wait_quiet_s: float = 0.0,
+    min_rounds: int = 3,
+) -> int:
+    """Run timing rounds until ``repeats`` of them were quiet; returns the number of rounds done.
+
+    ``one_round(r, load)`` times round ``r`` (interleaving the candidates, rotating which goes first), starting
+    and stopping ``load`` around what it times, and returns text for the progress line. The other-process
+    share of each round is appended to ``others``; a round is quiet when it is at most ``quiet_threshold``.
+    Rounds stop after ``max_rounds`` or, with ``time_budget_s``, once that many seconds of rounds have passed
+    (``min_rounds`` are always done). After a contended round it sleeps until the machine is quiet again, up
+    to ``wait_quiet_s`` seconds in all (not counted in the budget). The garbage collector is off meanwhile.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        t_start = time.perf_counter()
+        done = quiet = 0
+        waited = 0.0
+        while quiet < repeats and done < max_rounds:
+            spent = time.perf_counter() - t_start - waited
+            if time_budget_s is not None and done >= min_rounds and spent > time_budget_s:
+                print(f"time budget spent after {done} rounds", file=sys.stderr, flush=True)
+                break
+            if others and others[-1] > quiet_threshold and waited < wait_quiet_s:
+                w = wait_for_quiet(quiet_threshold, wait_quiet_s - waited)
+                waited += w
+                print(f"waited {w:.0f} s for other processes to finish", file=sys.stderr, flush=True)
+            t_round = time.perf_counter()
+            load = OtherLoad()
+            extra = one_round(done, load)
+            others.append(load.fraction())
+            quiet += not others[-1] > quiet_threshold
+            done += 1
+            print(
+                f"round {done} done in {time.perf_counter() - t_round:.1f} s ({extra + '; ' if extra else ''}"
+                f"other processes {100 * others[-1]:.0f}%; {quiet}/{repeats} quiet rounds)",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        gc.enable()
+    return done
 
 
 def quiet_rounds(others: list[float], threshold: float, min_rounds: int = 3) -> list[int]:

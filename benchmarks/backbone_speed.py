@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import statistics
 import sys
@@ -73,7 +72,7 @@ try:
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
 except ImportError:  # run as ``python -m benchmarks.backbone_speed``
@@ -86,7 +85,7 @@ except ImportError:  # run as ``python -m benchmarks.backbone_speed``
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
 
@@ -332,47 +331,25 @@ def run_benchmark(
                     e.model(xbs[b])
                 for _ in range(latency_iters):
                     e.model(x1)
-        gc.collect()
-        gc.disable()
-        try:
-            n = len(entries)
-            t_start = time.perf_counter()
-            done = quiet = 0
-            waited = 0.0
-            while quiet < repeats and done < max_rounds:
-                spent = time.perf_counter() - t_start - waited
-                if time_budget_s is not None and done >= 3 and spent > time_budget_s:
-                    print(f"time budget spent after {done} rounds", file=sys.stderr, flush=True)
-                    break
-                if others and others[-1] > quiet_threshold and waited < wait_quiet_s:
-                    w = wait_for_quiet(quiet_threshold, wait_quiet_s - waited)
-                    waited += w
-                    print(f"waited {w:.0f} s for other processes to finish", file=sys.stderr, flush=True)
-                r = done
-                t_round = time.perf_counter()
-                load = OtherLoad()
-                load.start()
-                probe.measure(peak)
-                for i in range(n):  # round-robin over all models; the first one rotates per round
-                    e = entries[(r + i) % n]
-                    for b in batches:
-                        wall, cpu = _timed_cpu(e.model, xbs[b])
-                        e.batch_s[b].append(wall)
-                        e.batch_cpu_s[b].append(cpu)
-                    e.latency_s.append([_timed(e.model, x1) for _ in range(latency_iters)])
-                load.stop()
-                others.append(load.fraction())
-                quiet += not others[-1] > quiet_threshold
-                done += 1
-                print(
-                    f"round {done} done in {time.perf_counter() - t_round:.1f} s "
-                    f"(peak mm {peak.mm[-1]:.0f}, 1×1 conv {peak.conv1x1[-1]:.0f} GFLOP/s; "
-                    f"other processes {100 * others[-1]:.0f}%; {quiet}/{repeats} quiet rounds)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        finally:
-            gc.enable()
+        n = len(entries)
+
+        def one_round(r: int, load: OtherLoad) -> str:
+            load.start()
+            probe.measure(peak)
+            for i in range(n):  # round-robin over all models; the first one rotates per round
+                e = entries[(r + i) % n]
+                for b in batches:
+                    wall, cpu = _timed_cpu(e.model, xbs[b])
+                    e.batch_s[b].append(wall)
+                    e.batch_cpu_s[b].append(cpu)
+                e.latency_s.append([_timed(e.model, x1) for _ in range(latency_iters)])
+            load.stop()
+            return f"peak mm {peak.mm[-1]:.0f}, 1×1 conv {peak.conv1x1[-1]:.0f} GFLOP/s"
+
+        done = timed_rounds(
+            one_round, others, repeats, quiet_threshold=quiet_threshold, max_rounds=max_rounds,
+            time_budget_s=time_budget_s, wait_quiet_s=wait_quiet_s,
+        )  # fmt: skip
     return done
 
 

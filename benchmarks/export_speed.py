@@ -60,7 +60,7 @@ try:
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
     from backbone_speed import Entry
@@ -72,7 +72,7 @@ except ImportError:  # run as ``python -m benchmarks.export_speed``
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
     from benchmarks.backbone_speed import Entry
@@ -213,29 +213,23 @@ def run_rounds(entries: list[Entry], shape: tuple[int, ...], batches: list[int],
             for e in entries:
                 for b in batches:
                     e.model(xs[b])
-        n, done, quiet, waited = len(entries), 0, 0, 0.0
-        t_start = time.perf_counter()
-        while quiet < repeats and done < max_rounds:
-            if time_budget_s is not None and done >= 3 and time.perf_counter() - t_start - waited > time_budget_s:
-                print(f"time budget spent after {done} rounds", file=sys.stderr, flush=True)
-                break
-            if others and others[-1] > quiet_threshold and waited < wait_quiet_s:
-                waited += wait_for_quiet(quiet_threshold, wait_quiet_s - waited)
-            load = OtherLoad()
+        n = len(entries)
+
+        def one_round(r: int, load: OtherLoad) -> str:
             load.start()
-            t_round = time.perf_counter()
             for i in range(n):
-                e = entries[(done + i) % n]
+                e = entries[(r + i) % n]
                 for b in batches:
                     wall, cpu = _timed_cpu(e.model, xs[b])
                     e.batch_s[b].append(wall)
                     e.batch_cpu_s[b].append(cpu)
             load.stop()
-            others.append(load.fraction())
-            quiet += not others[-1] > quiet_threshold
-            done += 1
-            print(f"round {done} done in {time.perf_counter() - t_round:.1f} s (other processes "
-                  f"{100 * others[-1]:.0f}%; {quiet}/{repeats} quiet rounds)", file=sys.stderr, flush=True)
+            return ""
+
+        timed_rounds(
+            one_round, others, repeats, quiet_threshold=quiet_threshold, max_rounds=max_rounds,
+            time_budget_s=time_budget_s, wait_quiet_s=wait_quiet_s,
+        )  # fmt: skip
     return others
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import shlex
@@ -75,7 +74,7 @@ try:
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
 except ImportError:  # run as ``python -m benchmarks.large_kernel_speed``
@@ -89,7 +88,7 @@ except ImportError:  # run as ``python -m benchmarks.large_kernel_speed``
         quiet_rounds,
         randomize_state,
         rounds_note,
-        wait_for_quiet,
+        timed_rounds,
         warn_malloc_env,
     )
 
@@ -279,44 +278,24 @@ def run_benchmark(
             for e in entries:
                 set_engine(e.model, e.engine)
                 e.model(x)
-        gc.collect()
-        gc.disable()
-        try:
-            n = len(entries)
-            t_start = time.perf_counter()
-            done = quiet = 0
-            waited = 0.0
-            while quiet < repeats and done < max_rounds:
-                spent = time.perf_counter() - t_start - waited
-                if time_budget_s is not None and done >= min_rounds and spent > time_budget_s:
-                    print(f"time budget spent after {done} rounds", file=sys.stderr, flush=True)
-                    break
-                if others and others[-1] > quiet_threshold and waited < wait_quiet_s:
-                    w = wait_for_quiet(quiet_threshold, wait_quiet_s - waited)
-                    waited += w
-                    print(f"waited {w:.0f} s for other processes to finish", file=sys.stderr, flush=True)
-                t_round = time.perf_counter()
-                load = OtherLoad()
-                for i in range(n):  # round-robin; the first entry rotates per round
-                    e = entries[(done + i) % n]
-                    set_engine(e.model, e.engine)  # outside the timed region and the load gauge
-                    load.start()
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    e.model(x)
-                    e.times_s.append(time.perf_counter() - t0)
-                    e.cpu_s.append(time.process_time() - c0)
-                    load.stop()
-                others.append(load.fraction())
-                quiet += not others[-1] > quiet_threshold
-                done += 1
-                print(
-                    f"round {done} done in {time.perf_counter() - t_round:.1f} s (other processes "
-                    f"{100 * others[-1]:.0f}%; {quiet}/{repeats} quiet rounds)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        finally:
-            gc.enable()
+        n = len(entries)
+
+        def one_round(r: int, load: OtherLoad) -> str:
+            for i in range(n):  # round-robin; the first entry rotates per round
+                e = entries[(r + i) % n]
+                set_engine(e.model, e.engine)  # outside the timed region and the load gauge
+                load.start()
+                c0, t0 = time.process_time(), time.perf_counter()
+                e.model(x)
+                e.times_s.append(time.perf_counter() - t0)
+                e.cpu_s.append(time.process_time() - c0)
+                load.stop()
+            return ""
+
+        done = timed_rounds(
+            one_round, others, repeats, quiet_threshold=quiet_threshold, max_rounds=max_rounds,
+            time_budget_s=time_budget_s, wait_quiet_s=wait_quiet_s, min_rounds=min_rounds,
+        )  # fmt: skip
     return done
 
 

@@ -48,3 +48,39 @@ def test_large_kernel_speed_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytes
         if m["engine"] == "auto" and m["form"] != "training":
             assert "auto_vs_off" in m["ratios"]
     assert res["meta"]["ignored_conv_impl_env"] == "fft"
+
+
+def _one_thread_main(module, argv: list[str]) -> int:
+    threads = torch.get_num_threads()
+    try:  # main() sets the process-wide thread count
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backbone_speed_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                              tmp_path: Path) -> None:
+    bs = _script("backbone_speed", monkeypatch)
+    out = tmp_path / "bs.json"
+    rc = _one_thread_main(bs, ["--quick", "--models", "unireplknet_a", "convnext_atto", "--forms", "deploy",
+                               "--img-size", "32", "--batch", "2", "--repeats", "2", "--max-rounds", "2",
+                               "--latency-iters", "1", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    assert "convnext_atto" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert {m["key"] for m in res["models"]} >= {"convnext_atto"} and len(res["peak_rounds"]["mm_gflops"]) == 2
+    for m in res["models"]:
+        assert [len(v) for v in m["batch_times_s"].values()] == [2]  # one time per round, both rounds
+        assert len(m["latency_times_s"]) == 2
+
+
+def test_export_speed_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                            tmp_path: Path) -> None:
+    es = _script("export_speed", monkeypatch)
+    out = tmp_path / "es.json"
+    rc = _one_thread_main(es, ["--quick", "--no-accuracy", "--batch", "1", "--repeats", "2", "--max-rounds", "2",
+                               "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    assert "eager deploy" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["runtimes"] and all(len(r["batch_times_s"]["1"]) == 2 for r in res["runtimes"])
