@@ -32,6 +32,7 @@ from uniperception.datasets import (
     VideoFolder,
     WindowDataset,
     cache_dir,
+    keywords,
     list_voices,
     load_classification,
     load_ett_csv,
@@ -44,6 +45,7 @@ from uniperception.datasets import (
     write_mp4,
 )
 from uniperception.datasets._common import atomic_directory
+from uniperception.datasets.keywords import FESTIVAL_VOICES
 from uniperception.errors import InvalidInputError, UnsupportedFormatError
 
 HAS_ESPEAK = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
@@ -52,6 +54,10 @@ needs_espeak = pytest.mark.skipif(
     not HAS_ESPEAK, reason="espeak-ng/sox not installed (apt-get install espeak-ng sox)"
 )
 needs_flite = pytest.mark.skipif(not HAS_FLITE, reason="flite/sox not installed (apt-get install flite sox)")
+HAS_FESTIVAL = all(shutil.which(t) for t in ("festival", "text2wave", "sox")) and {
+    v[0] for v in keywords._FESTIVAL.values()
+} <= keywords._festival_voices()
+needs_festival = pytest.mark.skipif(not HAS_FESTIVAL, reason=f"festival or its voices missing ({keywords._INSTALL})")
 
 
 @pytest.fixture
@@ -180,6 +186,43 @@ def test_keywords_flite_variant(cache: Path) -> None:
     assert wav.shape == (1, 16000) and sr == 16000 and float(wav.abs().max()) > 0.01
 
 
+@needs_festival
+def test_keywords_festival_is_a_training_only_source(cache: Path) -> None:
+    assert voice_split("festival") == dict.fromkeys(FESTIVAL_VOICES, "train")
+    ds = KeywordSpeech(split="train", synth="festival", num_per_class=1, seed=2, progress=False)
+    assert len(ds) == 12 and ds.voices == list(FESTIVAL_VOICES) and {r["voice"] for r in ds.samples} <= set(ds.voices)
+    wav, sr, _ = ds[0]
+    assert wav.shape == (1, 16000) and sr == 16000 and float(wav.abs().max()) > 0.01
+    # a different stream from espeak's with the same seed: the festival clips are not espeak's parameters
+    esp = KeywordSpeech(split="train", num_per_class=1, seed=2, progress=False) if HAS_ESPEAK else None
+    if esp is not None:
+        assert [r["speed"] for r in esp.samples] != [r["speed"] for r in ds.samples]
+    with pytest.raises(InvalidInputError, match="no 'test' voices"):
+        KeywordSpeech(split="test", synth="festival", progress=False)
+
+
+def test_keywords_festival_respellings_cover_every_word() -> None:
+    words = set(KEYWORD_CLASSES[:10]) | set(DISTRACTOR_WORDS)
+    langs = {lang for _, _, lang in keywords._FESTIVAL.values()} - {"en"}
+    assert langs <= set(keywords._RESPELLINGS)
+    for lang in langs:
+        table = keywords._RESPELLINGS[lang]
+        assert set(table) == words, lang
+        assert all(t.isascii() and t.isalpha() for t in table.values()), lang
+        assert len({table[w] for w in KEYWORD_CLASSES[:10]}) == 10, lang  # the keywords stay distinct
+
+
+@needs_festival
+def test_keywords_festival_refuses_a_missing_voice(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """festival quietly speaks with its default voice when asked for a missing one: the dataset checks first."""
+    import uniperception.datasets.keywords as kw
+
+    monkeypatch.setattr(kw, "_festival_voices", lambda: frozenset({"kal_diphone"}))
+    with pytest.raises(MissingDependencyError, match="festvox-kdlpc16k"):
+        KeywordSpeech(split="train", synth="festival", num_per_class=1, progress=False)
+    assert not any((cache / "datasets" / "keywords").glob("festival-*"))
+
+
 def test_keywords_missing_tools_and_bad_arguments(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(cache))  # no espeak-ng / sox / flite on PATH
     with pytest.raises(MissingDependencyError, match="apt-get install espeak-ng sox flite"):
@@ -189,7 +232,9 @@ def test_keywords_missing_tools_and_bad_arguments(cache: Path, monkeypatch: pyte
     with pytest.raises(InvalidInputError, match="num_per_class"):
         KeywordSpeech(num_per_class=0)
     with pytest.raises(InvalidInputError, match="synth"):
-        KeywordSpeech(synth="festival")
+        KeywordSpeech(synth="mbrola")
+    with pytest.raises(MissingDependencyError, match="festival"):
+        KeywordSpeech(synth="festival", num_per_class=1, progress=False)
     assert not (cache / "datasets" / "keywords").exists() or not any(
         (cache / "datasets" / "keywords").iterdir()
     )

@@ -35,6 +35,36 @@ def test_overrides():
         apply_overrides({}, ["no-equals-sign"])
 
 
+def test_extra_sources_are_mixed_into_a_split(monkeypatch):
+    """``[[data.train.extra]]``: more sources for one split, each its own options over the split's."""
+    import uniperception.training.recipes as recipes
+    from uniperception.datasets.augment import SpeechAugment
+    from uniperception.training import MixedDataset, build_dataset
+
+    class Fake:
+        def __init__(self, n=2, classes=("a", "b"), transform=None, **kw):
+            self.kw, self.n, self.classes, self.transform = kw, n, classes, transform
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return (self.kw["synth"], i)
+
+    monkeypatch.setattr(recipes, "_datasets", lambda: {"fake": Fake})
+    data = {"dataset": "fake", "common": {"seed": 1}, "train": {"synth": "espeak", "augment": "speech",
+            "extra": [{"synth": "festival", "n": 3}]}}  # fmt: skip
+    ds = build_dataset(data, "train")
+    assert isinstance(ds, MixedDataset) and len(ds) == 5 and ds.classes == ("a", "b")
+    assert [ds[i] for i in (0, 2, 4)] == [("espeak", 0), ("festival", 0), ("festival", 2)]
+    assert all(isinstance(p.transform, SpeechAugment) and p.kw["seed"] == 1 for p in ds.datasets)
+    assert isinstance(build_dataset(data, "val"), Fake)  # only the split that names them
+    with pytest.raises(InvalidInputError, match="share their classes"):
+        build_dataset({**data, "train": {"synth": "x", "extra": [{"classes": ("c",)}]}}, "train")
+    with pytest.raises(InvalidInputError, match="list of tables"):
+        build_dataset({**data, "train": {"extra": {"synth": "festival"}}}, "train")
+
+
 def test_shrunken_shapes_recipe_trains_into_a_bundle(tmp_path):
     res = run_recipe("shapes", tmp_path / "run", overrides=SHRINK)
     assert "acc1" in res.test_metrics and (tmp_path / "run" / "metrics.jsonl").is_file()

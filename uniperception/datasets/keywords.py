@@ -1,4 +1,4 @@
-"""Synthetic keyword speech: the ten Speech Commands words spoken by ``espeak-ng`` (or ``flite``) voices.
+"""Synthetic keyword speech: the ten Speech Commands words spoken by ``espeak-ng`` (or ``flite``/``festival``) voices.
 
 Every clip is one second of 16 kHz mono audio: a word synthesised by a voice (accent + variant) at a random
 speed and pitch, resampled with ``sox -R`` (deterministic), trimmed, placed at a random offset (the whole word
@@ -10,7 +10,15 @@ Train/val/test are split **by voice** (:func:`voice_split`), so test voices are 
 dataset is generated on first use into the cache (``$UNIPERCEPTION_CACHE``, default ``~/.cache/uniperception``)
 in a folder whose name carries a hash of every generation parameter, atomically (temporary folder + rename).
 
-System tools: ``apt-get install espeak-ng sox flite``.
+Three synthesisers, three technologies: ``espeak-ng`` (formant synthesis, 126 accent/variant voices: the main
+source), ``flite`` (diphone and statistical-parametric CMU voices: the held-out "never heard" test) and
+``festival`` (8 concatenative-diphone and HMM voices of other speakers, to widen training: the US-English ``ked``
+and Italian, Finnish, Czech and Catalan voices saying the words from respellings, i.e. with their accent;
+flite's speakers are deliberately not used from festival, so flite stays unheard).
+
+System tools: ``apt-get install espeak-ng sox flite``, plus ``festival`` and its voices for ``synth="festival"``
+(``apt-get install festival festvox-kdlpc16k festvox-itapc16k festvox-italp16k festvox-suopuhe-mv
+festvox-suopuhe-lj festvox-czech-machac festvox-czech-dita festvox-ca-ona-hts``).
 """
 
 from __future__ import annotations
@@ -50,8 +58,10 @@ __all__ = [
     "DISTRACTOR_WORDS",
     "ESPEAK_ACCENTS",
     "ESPEAK_VARIANTS",
+    "FESTIVAL_VOICES",
     "FLITE_VOICES",
     "KEYWORDS",
+    "SYNTHS",
     "KeywordSpeech",
     "list_voices",
     "voice_split",
@@ -80,23 +90,65 @@ ESPEAK_VARIANTS: tuple[str, ...] = (
 #: flite voices; ``kal`` and ``kal16`` are the same speaker and always share a split.
 FLITE_VOICES: tuple[str, ...] = ("kal", "kal16", "awb", "rms", "slt")
 _FLITE_SPEAKERS: tuple[tuple[str, ...], ...] = (("kal", "kal16"), ("awb",), ("rms",), ("slt",))
+#: festival voices: voice id -> (festival voice, Debian package, language of its text front end). Only
+#: speakers flite does not have: festival's ``kal`` and ``slt`` voices are flite's ``kal`` and ``slt`` speakers,
+#: so using them would leak the held-out synthesiser. The non-English voices say the words from phonetic
+#: respellings in their own orthography (:data:`_RESPELLINGS`): English with an Italian, Finnish, Czech or
+#: Catalan accent, as a speaker of that language would say it.
+_FESTIVAL: dict[str, tuple[str, str, str]] = {
+    "ked": ("ked_diphone", "festvox-kdlpc16k", "en"),
+    "it-pc": ("pc_diphone", "festvox-itapc16k", "it"),
+    "it-lp": ("lp_diphone", "festvox-italp16k", "it"),
+    "fi-mv": ("hy_fi_mv_diphone", "festvox-suopuhe-mv", "fi"),
+    "fi-lj": ("suo_fi_lj_diphone", "festvox-suopuhe-lj", "fi"),
+    "cs-machac": ("czech_machac", "festvox-czech-machac", "cs"),
+    "cs-dita": ("czech_dita", "festvox-czech-dita", "cs"),
+    "ca-ona": ("upc_ca_ona_hts", "festvox-ca-ona-hts", "ca"),
+}
+FESTIVAL_VOICES: tuple[str, ...] = tuple(_FESTIVAL)
+# Respellings for the non-English front ends (ASCII only: the Czech front end reads ISO-8859-2). One shared
+# table in Italian-like orthography (vowels a e i o u, "ai"/"au"/"ou" diphthongs), then per-language fixes.
+_RESPELL_BASE: dict[str, str] = {
+    "yes": "ies", "no": "nou", "up": "ap", "down": "daun", "left": "left", "right": "rait", "on": "on",
+    "off": "of", "stop": "stop", "go": "gou",
+    "backward": "bekuord", "bed": "bed", "bird": "berd", "cat": "ket", "dog": "dog", "eight": "eit",
+    "five": "faiv", "follow": "folou", "forward": "foruord", "four": "for", "happy": "hepi", "house": "haus",
+    "learn": "lern", "marvin": "marvin", "nine": "nain", "one": "uan", "seven": "seven", "sheila": "scila",
+    "six": "siks", "three": "sri", "tree": "tri", "two": "tu", "visual": "vigiual", "wow": "uau", "zero": "ziro",
+}  # fmt: skip
+_RESPELLINGS: dict[str, dict[str, str]] = {
+    "it": _RESPELL_BASE,
+    "fi": {**_RESPELL_BASE, "yes": "jes", "sheila": "siila", "visual": "visual", "zero": "siro", "happy": "heppi"},
+    "cs": {**_RESPELL_BASE, "yes": "jes", "sheila": "sila", "visual": "vizual"},
+    "ca": {**_RESPELL_BASE, "sheila": "xila", "visual": "visual"},
+}
+#: Synthesisers, in the order that seeds their random streams (append only: the order is part of the data).
+SYNTHS: tuple[str, ...] = ("espeak", "flite", "festival")
+_TOOLS: dict[str, tuple[str, ...]] = {
+    "espeak": ("espeak-ng", "sox"), "flite": ("flite", "sox"), "festival": ("festival", "text2wave", "sox"),
+}  # fmt: skip
 
 SAMPLE_RATE = 16000
 CLIP_SAMPLES = 16000
 DEFAULT_NUM_PER_CLASS = {"train": 100, "val": 20, "test": 20, "all": 40}
 NOISE_TYPES = ("white", "pink", "brown", "hum", "band")
-_INSTALL = "apt-get install espeak-ng sox flite"
+_INSTALL = "apt-get install espeak-ng sox flite festival " + " ".join(v[1] for v in _FESTIVAL.values())
 _MARKER = "manifest.csv"
 _VERSION = 1  # bump when the generation procedure changes: old caches are then ignored
 
 
+def _check_synth(synth: str) -> str:
+    if synth not in SYNTHS:
+        raise InvalidInputError(f"unknown synth {synth!r}; choose from {SYNTHS}")
+    return synth
+
+
 def list_voices(synth: str = "espeak") -> list[str]:
-    """Every voice id of a synthesiser: ``"<accent>+<variant>"`` for espeak, the voice name for flite."""
+    """Every voice id of a synthesiser: ``"<accent>+<variant>"`` for espeak, the speaker for flite/festival."""
+    _check_synth(synth)
     if synth == "espeak":
         return [f"{a}+{v}" for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS]
-    if synth == "flite":
-        return list(FLITE_VOICES)
-    raise InvalidInputError(f"unknown synth {synth!r}; choose 'espeak' or 'flite'")
+    return list(FLITE_VOICES if synth == "flite" else FESTIVAL_VOICES)
 
 
 def voice_split(synth: str = "espeak", split_seed: int = 0, split_by: str = "voice") -> dict[str, str]:
@@ -106,8 +158,10 @@ def voice_split(synth: str = "espeak", split_seed: int = 0, split_by: str = "voi
     and 2 go to test, 2 to val, 14 to train, so every accent appears in every split but no (accent, variant)
     voice is in two splits. ``split_by="variant"`` is stricter: 2 variants are test and 2 val *in every accent*,
     so a test variant's timbre is never heard in training. flite: the 4 speakers are shuffled, one is test, one
-    val, two (``kal``/``kal16`` count as one speaker) train.
+    val, two (``kal``/``kal16`` count as one speaker) train. festival is a training-only source (every voice
+    ``"train"``; its val and test splits are empty): its one English speaker has no held-out twin.
     """
+    _check_synth(synth)
     if split_by not in ("voice", "variant"):
         raise InvalidInputError(f"split_by must be 'voice' or 'variant', got {split_by!r}")
     out: dict[str, str] = {}
@@ -127,17 +181,35 @@ def voice_split(synth: str = "espeak", split_seed: int = 0, split_by: str = "voi
             for v in _FLITE_SPEAKERS[si]:
                 out[v] = split
         return out
-    raise InvalidInputError(f"unknown synth {synth!r}; choose 'espeak' or 'flite'")
+    return dict.fromkeys(FESTIVAL_VOICES, "train")
 
 
 @cache
 def _tool_version(tool: str) -> str:
-    args = {"espeak-ng": ["--version"], "sox": ["--version"], "flite": ["--version"]}[tool]
+    if tool == "text2wave":  # festival's script: its version is festival's
+        tool = "festival"
     try:
-        res = subprocess.run([tool, *args], capture_output=True, text=True, check=False, timeout=30)
+        res = subprocess.run([tool, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=30)
     except OSError:
         return "missing"
     return (res.stdout or res.stderr).strip().splitlines()[0] if (res.stdout or res.stderr).strip() else "?"
+
+
+@cache
+def _festival_voices() -> frozenset[str]:
+    """The voices festival has installed (``voice.list``)."""
+    out = _run(["festival", "--pipe"], stdin=b"(print (voice.list))\n").decode(errors="replace")
+    return frozenset(out.replace("(", " ").replace(")", " ").split())
+
+
+def _require_festival_voices(voices: Sequence[str]) -> None:
+    # festival silently falls back to its default voice when asked for a missing one: check first
+    missing = [_FESTIVAL[v] for v in voices if _FESTIVAL[v][0] not in _festival_voices()]
+    if missing:
+        raise MissingDependencyError(
+            f"festival voice(s) {', '.join(m[0] for m in missing)} not installed; install with: "
+            f"apt-get install {' '.join(m[1] for m in missing)}"
+        )
 
 
 def _run(cmd: Sequence[str], stdin: bytes | None = None) -> bytes:
@@ -187,9 +259,14 @@ def _synthesise_word(spec: dict[str, Any], workdir: Path) -> np.ndarray:
             )  # fmt: skip
             x = _sox_to_float("-", wav, effects)
         else:
-            tmp = workdir / f"flite-{spec['id']}.wav"
-            _run(["flite", "-voice", spec["voice"], "-t", spec["word"], "-o", str(tmp)])
-            # flite has no speed/pitch knobs that work for every voice: sox's tempo and pitch do.
+            tmp = workdir / f"{spec['synth']}-{spec['id']}.wav"
+            if spec["synth"] == "flite":
+                _run(["flite", "-voice", spec["voice"], "-t", spec["word"], "-o", str(tmp)])
+            else:
+                voice, _, lang = _FESTIVAL[spec["voice"]]
+                text = spec["word"] if lang == "en" else _RESPELLINGS[lang][spec["word"]]
+                _run(["text2wave", "-eval", f"(voice_{voice})", "-o", str(tmp)], stdin=text.encode())
+            # flite/festival have no speed/pitch knobs that work for every voice: sox's tempo and pitch do.
             t = tempo * spec["speed"] / 170.0
             cents = (spec["pitch"] - 50) * 8
             x = _sox_to_float(str(tmp), None, ["tempo", "-s", f"{t:.4f}", "pitch", str(cents)])
@@ -270,7 +347,7 @@ def _render_clip(spec: dict[str, Any], out_dir: Path, workdir: Path) -> dict[str
 def _make_specs(params: dict[str, Any], voices: Sequence[str]) -> list[dict[str, Any]]:
     """Every clip's parameters, drawn from one seeded stream (independent of the number of workers)."""
     rng = np.random.default_rng(
-        [params["seed"], split_code(params["split"]), 1 if params["synth"] == "flite" else 0]
+        [params["seed"], split_code(params["split"]), SYNTHS.index(params["synth"])]
     )
     specs = []
     n_cls = len(CLASSES)
@@ -349,10 +426,11 @@ class KeywordSpeech(Dataset):
             (every voice of the synthesiser: e.g. ``synth="flite", split="all"`` as an unseen-synthesiser test).
         num_per_class: clips per class (12 classes); default 100 for train, 20 for val/test, 40 for all.
         seed: seed of every random choice (voice, speed, pitch, level, offset, noise); same seed, same bytes.
-        synth: ``"espeak"`` (126 voices: 7 accents x 18 variants) or ``"flite"`` (5 voices).
+        synth: ``"espeak"`` (126 voices: 7 accents x 18 variants), ``"flite"`` (5 voices) or ``"festival"``
+            (8 voices, training only, see :func:`voice_split`).
         split_seed / split_by: the voice split (:func:`voice_split`).
-        speed_range: words per minute (espeak ``-s``; for flite a tempo factor ``speed / 170``).
-        pitch_range: espeak ``-p`` 0..99 (for flite a pitch shift of ``(pitch - 50) * 8`` cents).
+        speed_range: words per minute (espeak ``-s``; for flite/festival a tempo factor ``speed / 170``).
+        pitch_range: espeak ``-p`` 0..99 (for flite/festival a pitch shift of ``(pitch - 50) * 8`` cents).
         snr_range: SNR (dB) of the background noise mixed into word clips; ``noise_prob`` of them get noise.
         num_workers: synthesis threads (default: CPU count).
         progress: show a tqdm progress bar while generating.
@@ -388,8 +466,7 @@ class KeywordSpeech(Dataset):
         if num_per_class is None:
             num_per_class = DEFAULT_NUM_PER_CLASS[split]
         check_positive_int(num_per_class, "num_per_class")
-        if synth not in ("espeak", "flite"):
-            raise InvalidInputError(f"unknown synth {synth!r}; choose 'espeak' or 'flite'")
+        _check_synth(synth)
         if not (0 <= speed_range[0] <= speed_range[1]) or not (0 <= pitch_range[0] <= pitch_range[1] <= 99):
             raise InvalidInputError(f"bad speed_range {speed_range} or pitch_range {pitch_range}")
         if not 0.0 <= noise_prob <= 1.0 or snr_range[0] > snr_range[1]:
@@ -398,6 +475,11 @@ class KeywordSpeech(Dataset):
             )
         assignment = voice_split(synth, split_seed, split_by)
         self.voices = [v for v in list_voices(synth) if split == "all" or assignment[v] == split]
+        if not self.voices:
+            raise InvalidInputError(
+                f"synth {synth!r} has no {split!r} voices ({voice_split.__name__} gives {assignment}); "
+                "use it for training or split='all'"
+            )
         self.split = split
         self.transform = transform
         self.target_transform = target_transform
@@ -415,13 +497,15 @@ class KeywordSpeech(Dataset):
             "classes": list(CLASSES),
             "distractors": list(DISTRACTOR_WORDS),
         }
-        tools = ("espeak-ng", "sox") if synth == "espeak" else ("flite", "sox")
+        tools = _TOOLS[synth]
         # The key leaves the tool versions out (they are recorded in params.json), so a cached dataset stays
         # usable on a machine without the tools; delete the folder to regenerate after a tool upgrade.
         name = f"{synth}-{split}-{num_per_class}pc-seed{seed}"
         self.path = dataset_root(root, "keywords") / f"{name}-{params_key(params)}"
         if not (self.path / _MARKER).is_file():
             require_tools(tools, _INSTALL)
+            if synth == "festival":
+                _require_festival_voices(self.voices)
             params["tools"] = {t: _tool_version(t) for t in tools}
         workers = num_workers or os.cpu_count() or 1
         ensure_generated(

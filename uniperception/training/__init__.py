@@ -3,7 +3,7 @@
 from .collate import AdapterCollate, default_unpack
 from .config import TrainConfig, load_recipe
 from .engine import Callback, Trainer, param_groups, seed_everything
-from .recipes import RecipeResult, apply_overrides, build_dataset, run_recipe
+from .recipes import MixedDataset, RecipeResult, apply_overrides, build_dataset, run_recipe
 from .sparse import SPARSE_PRESETS, DynamicSparsity, LayerDensity
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Callback",
     "DynamicSparsity",
     "LayerDensity",
+    "MixedDataset",
     "RecipeResult",
     "TrainConfig",
     "Trainer",

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..errors import InvalidInputError
 from .collate import AdapterCollate
 from .config import TrainConfig, load_recipe
 from .engine import Trainer
 
-__all__ = ["RecipeResult", "apply_overrides", "build_dataset", "run_recipe"]
+__all__ = ["MixedDataset", "RecipeResult", "apply_overrides", "build_dataset", "run_recipe"]
 
 
 def _datasets() -> dict[str, Any]:
@@ -38,18 +38,39 @@ def _datasets() -> dict[str, Any]:
     }
 
 
+class MixedDataset(ConcatDataset):
+    """Several datasets with the same classes, one after the other (a recipe's ``extra`` sources)."""
+
+    def __init__(self, parts: list[Dataset]) -> None:
+        classes = [tuple(getattr(p, "classes", ())) for p in parts]
+        if any(c != classes[0] for c in classes[1:]):
+            raise InvalidInputError(f"mixed datasets must share their classes, got {classes}")
+        super().__init__(parts)
+        self.classes = classes[0]
+
+
 def build_dataset(data: dict[str, Any], split: str) -> Dataset:
-    """The ``split`` dataset of a recipe's ``[data]`` table (``common`` options + ``[data.<split>]``)."""
+    """The ``split`` dataset of a recipe's ``[data]`` table (``common`` options + ``[data.<split>]``).
+
+    ``[[data.<split>.extra]]`` tables add more sources to the split, each given as option overrides of the
+    split's own (e.g. ``synth = "festival"`` for keyword speech); the result is a :class:`MixedDataset`.
+    """
     name = data.get("dataset")
     table = _datasets()
     if name not in table:
         raise InvalidInputError(f"unknown dataset {name!r} in recipe; choose from {sorted(table)}")
     kwargs = {**data.get("common", {}), "split": split, **data.get(split, {})}
-    if "augment" in kwargs:  # e.g. [data.train] augment = "speech": a waveform transform, training data only
-        from ..datasets.augment import build_transform
+    extra = kwargs.pop("extra", [])
+    if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
+        raise InvalidInputError(f"[data.{split}] extra must be a list of tables, got {extra!r}")
+    parts = []
+    for options in [kwargs] + [{**kwargs, **e} for e in extra]:
+        if "augment" in options:  # e.g. [data.train] augment = "speech": a waveform transform, training only
+            from ..datasets.augment import build_transform
 
-        kwargs["transform"] = build_transform(kwargs.pop("augment"))
-    return table[name](**kwargs)
+            options["transform"] = build_transform(options.pop("augment"))
+        parts.append(table[name](**options))
+    return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
