@@ -19,7 +19,7 @@ from uniperception.perceiver import BUNDLE_DIR
 # modality, classes, the test accuracy each shipped file must reach (the target is 95 %; see the model
 # cards and docs/benchmarks.md for what each file measured)
 EXPECTED = {
-    "unireplknet-a-keywords": ("audio", 12, 0.98),
+    "unireplknet-a-keywords": ("audio", 12, 0.975),
     "unireplknet-a-motion": ("video", 8, 0.99),
     "unireplknet-a-shapes": ("points", 10, 0.98),
 }
