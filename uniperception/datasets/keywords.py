@@ -159,7 +159,7 @@ def voice_split(synth: str = "espeak", split_seed: int = 0, split_by: str = "voi
     voice is in two splits. ``split_by="variant"`` is stricter: 2 variants are test and 2 val *in every accent*,
     so a test variant's timbre is never heard in training. flite: the 4 speakers are shuffled, one is test, one
     val, two (``kal``/``kal16`` count as one speaker) train. festival is a training-only source (every voice
-    ``"train"``; its val and test splits are empty): its one English speaker has no held-out twin.
+    ``"train"``; its val and test splits are empty): it widens training, and flite is the held-out synthesiser.
     """
     _check_synth(synth)
     if split_by not in ("voice", "variant"):
