@@ -137,10 +137,9 @@ _MARKER = "manifest.csv"
 _VERSION = 1  # bump when the generation procedure changes: old caches are then ignored
 
 
-def _check_synth(synth: str) -> str:
+def _check_synth(synth: str) -> None:
     if synth not in SYNTHS:
         raise InvalidInputError(f"unknown synth {synth!r}; choose from {SYNTHS}")
-    return synth
 
 
 def list_voices(synth: str = "espeak") -> list[str]:
@@ -477,8 +476,7 @@ class KeywordSpeech(Dataset):
         self.voices = [v for v in list_voices(synth) if split == "all" or assignment[v] == split]
         if not self.voices:
             raise InvalidInputError(
-                f"synth {synth!r} has no {split!r} voices ({voice_split.__name__} gives {assignment}); "
-                "use it for training or split='all'"
+                f"synth {synth!r} has no {split!r} voices (it is a training-only source); use split='train' or 'all'"
             )
         self.split = split
         self.transform = transform
