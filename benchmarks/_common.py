@@ -61,6 +61,12 @@ def git_revision() -> str:
 
 
 def cpu_name() -> str:
+    """The CPU's model name with the vector capability PyTorch dispatches to (e.g. ``AMD EPYC (AVX2)``)."""
+    cap = str(torch.backends.cpu.get_cpu_capability())
+    return f"{_cpu_model()} ({cap})"
+
+
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -69,6 +75,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_profile_name() -> str:
+    from uniperception.ops import cpu_profile
+
+    return cpu_profile().name
 
 
 def base_meta(threads: int) -> dict[str, Any]:
@@ -89,6 +101,7 @@ def base_meta(threads: int) -> dict[str, Any]:
         "git": git_revision(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
+        "cpu_profile": _cpu_profile_name(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "malloc_env_set": malloc_env_set(),
@@ -100,7 +113,8 @@ def base_meta(threads: int) -> dict[str, Any]:
 def header_line(meta: dict[str, Any]) -> str:
     return (
         f"uniperception {meta['uniperception']} ({meta['git']}), torch {meta['torch']}, timm {meta['timm']}, "
-        f"{meta['threads']} threads, {meta['cpu']}, {meta['date']}; malloc env set: "
+        f"{meta['threads']} threads, {meta['cpu']}, engine cost profile {meta.get('cpu_profile', '?')}, "
+        f"{meta['date']}; malloc env set: "
         f"{'yes' if meta['malloc_env_set'] else 'NO'}; CPU share {100 * meta['cpu_share']:.0f}% "
         "(process CPU time / (wall time × threads) of the timed calls; ~100% = uncontended); "
         f"other processes used {100 * meta['other_load']:.0f}% of the machine's CPU meanwhile."

@@ -32,7 +32,7 @@ Peak extra memory (MB) of one call, Linux only and approximate: free heap pages 
 and the result is VmHWM − VmRSS(before). It counts what the call allocates and touches (output, gradients,
 workspaces, layout copies) at page granularity; allocator caching and the threads' arenas blur it.
 
-``--calibrate`` instead prints, per configuration (native, channels_last and fft timed; kernel cropped with
+``--calibrate`` instead prints, per configuration (native, channels_last, fft and, for training, direct timed; kernel cropped with
 :func:`uniperception.ops.crop_kernel_to_reach`), the measured ``channels_last`` and ``fft`` times next to
 :func:`uniperception.ops.estimate_cost_ms`, the implementation the cost model picks and the faster measured one.
 
@@ -89,7 +89,7 @@ except ImportError:  # run as ``python -m benchmarks.lk_conv``
 DEFAULT_SHAPES = ["40@56", "80@28", "160@14", "320@7"]
 DEFAULT_KERNELS = ["3", "7", "13", "31", "51", "51x5"]
 PASSES = ("fwd", "fwd+bwd")
-EXTRA_IMPLS = ("channels_last", "fft", "blocked", "native_crop")
+EXTRA_IMPLS = ("channels_last", "direct", "fft", "blocked", "native_crop")
 
 # (pass, kernel, batch or None = every batch run, target speed-up auto/native), from the engine's issue
 TARGETS: list[tuple[str, str, int | None, float]] = [
@@ -254,7 +254,8 @@ def auto_choice(cfg: Config, x: Tensor, w: Tensor) -> str:
 def impls_for(cfg: Config, all_impls: bool) -> list[str]:
     out = ["native", "auto"]
     if all_impls:
-        out += [i for i in EXTRA_IMPLS if not (i == "blocked" and cfg.training)]
+        # blocked has no autograd; direct differs from channels_last only in its backward
+        out += [i for i in EXTRA_IMPLS if not (i == "blocked" and cfg.training) and not (i == "direct" and not cfg.training)]
     return out
 
 
@@ -417,13 +418,17 @@ def markdown(results: list[Result], meta: dict[str, Any], all_impls: bool) -> st
     return "\n".join(lines)
 
 
+def calibration_impls(cfg: Config) -> list[str]:
+    return ["native", "channels_last", "direct", "fft"] if cfg.training else ["native", "channels_last", "fft"]
+
+
 def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
     lines = [
         header_line(meta),
         "",
-        "| Pass | Batch | C@H×W | Kernel | cropped to | native ms | channels_last ms | est. | fft ms | est. "
-        "| auto picks | fastest measured | cost of the pick (× best) |",
-        "|---|--:|---|---|---|--:|--:|--:|--:|--:|---|---|--:|",
+        "| Pass | Batch | C@H×W | Kernel | cropped to | native ms | channels_last ms | est. | direct ms | est. "
+        "| fft ms | est. | auto picks | fastest measured | cost of the pick (× best) |",
+        "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|--:|",
     ]
     for r in results:
         c = r.config
@@ -431,15 +436,17 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
         wc, pc = crop_kernel_to_reach(w, (c.h, c.w), c.padding, (1, 1))
         kc = tuple(wc.shape[-2:])
         shape = (c.batch, c.c, c.h, c.w)
-        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training) for i in ("channels_last", "fft")}
-        meas = {i: r.ms(i) for i in ("native", "channels_last", "fft")}
+        timed = calibration_impls(c)
+        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training) for i in ("channels_last", "direct", "fft")}
+        meas = {i: r.ms(i) for i in timed}
         best = min(meas, key=meas.__getitem__)
         pick = r.auto_impl
         cost = meas[pick] / meas[best] if pick in meas else float("nan")
+        direct = (f"| {_fmt_ms(meas['direct'])} | {_fmt_ms(est['direct'])} " if "direct" in meas else "| – | – ")
         lines.append(
             f"| {c.pass_} | {c.batch} | {c.shape_label} | {c.kernel_label} | {kc[0]}×{kc[1]} "
             f"| {_fmt_ms(meas['native'])} | {_fmt_ms(meas['channels_last'])} | {_fmt_ms(est['channels_last'])} "
-            f"| {_fmt_ms(meas['fft'])} | {_fmt_ms(est['fft'])} | {pick} | {best} | {cost:.2f} |"
+            f"{direct}| {_fmt_ms(meas['fft'])} | {_fmt_ms(est['fft'])} | {pick} | {best} | {cost:.2f} |"
         )
     return "\n".join(lines)
 
@@ -490,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_malloc_env()
     grid = build_grid(shapes, kernels, batches, args.passes)
     if args.calibrate:
-        results = run_grid(grid, args, lambda c: ["native", "channels_last", "fft"], measure_memory=False)
+        results = run_grid(grid, args, calibration_impls, measure_memory=False)
     else:
         results = run_grid(grid, args, lambda c: impls_for(c, args.all_impls), not args.no_memory)
     threads = torch.get_num_threads()

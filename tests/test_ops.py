@@ -15,7 +15,7 @@ from uniperception.errors import InvalidInputError
 from uniperception.ops import DepthwiseConv2d, crop_kernel_to_reach, depthwise_conv2d
 from uniperception.ops import depthwise as dw
 
-GRAD_IMPLS = ["native", "channels_last", "fft"]
+GRAD_IMPLS = ["native", "channels_last", "direct", "fft"]
 
 # (kh, kw, dilation, H, W, batch)
 CASES = [
@@ -64,7 +64,7 @@ def test_impl_float64_exact(impl):
         assert all(max_rel_err(o, r) <= 1e-10 for r, o in zip(refs, outs, strict=True))
 
 
-@pytest.mark.parametrize("impl", ["channels_last", "fft", "auto"])
+@pytest.mark.parametrize("impl", ["channels_last", "direct", "fft", "auto"])
 @pytest.mark.parametrize("k", [13, 31])
 def test_bfloat16(impl, k):
     x = torch.randn(2, 8, 20, 18)
@@ -129,7 +129,16 @@ def test_fft_chunks_large_batches(monkeypatch):
     assert max_rel_err(gx, gr) <= 1e-4
 
 
-def test_auto_prefers_fft_for_large_kernels_in_training_and_direct_for_small():
+@pytest.fixture
+def profile(request):
+    """Pin the cost model's CPU profile (the dispatch's choices are per instruction set)."""
+    ops.set_cpu_profile(request.param)
+    yield ops.cpu_profile()
+    ops.set_cpu_profile(None)
+
+
+@pytest.mark.parametrize("profile", ["avx512"], indirect=True)
+def test_auto_choices_avx512(profile):
     x = torch.randn(32, 64, 56, 56)
     w13, w3 = torch.randn(64, 1, 13, 13), torch.randn(64, 1, 3, 3)
     assert ops.choose_impl(x, w3, (1, 1), (1, 1), training=False) == "channels_last"
@@ -141,6 +150,85 @@ def test_auto_prefers_fft_for_large_kernels_in_training_and_direct_for_small():
     cl = small.contiguous(memory_format=torch.channels_last)
     assert ops.choose_impl(cl, w51, (6, 6), (1, 1), training=False) == "channels_last"
     assert ops.choose_impl(x, torch.randn(64, 1, 31, 31), (15, 15), (1, 1), training=False) != "native"
+    # the hand-written backward is never picked by this profile's cost model (not measured there)
+    assert ops.choose_impl(cl, w51, (6, 6), (1, 1), training=True) == "fft"
+
+
+@pytest.mark.parametrize("profile", ["avx2"], indirect=True)
+def test_auto_choices_avx2(profile):
+    """AVX2: NCHW's 13×13 kernel is a slow fallback (never chosen), no 15×15 padding, direct backward on
+    small maps, FFT for training at 56² and for 31×31 inference at 56²/28²."""
+    for c, s in ((40, 56), (80, 28), (160, 14), (320, 7)):
+        x = torch.randn(32, c, s, s)
+        w13 = torch.randn(c, 1, 13, 13)
+        assert ops.choose_impl(x, w13, (6, 6), (1, 1), training=False) == "channels_last"
+    assert ops.choose_impl(torch.randn(32, 40, 56, 56), torch.randn(40, 1, 13, 13), (6, 6), (1, 1), True) == "fft"
+    for c, s in ((160, 14), (320, 7)):
+        x = torch.randn(32, c, s, s).contiguous(memory_format=torch.channels_last)
+        assert ops.choose_impl(x, torch.randn(c, 1, 13, 13), (6, 6), (1, 1), training=True) == "direct"
+    assert ops.choose_impl(torch.randn(32, 80, 28, 28), torch.randn(80, 1, 31, 31), (15, 15), (1, 1), False) == "fft"
+    assert ops.choose_impl(torch.randn(32, 160, 14, 14), torch.randn(160, 1, 27, 27), (13, 13), (1, 1), False) \
+        == "channels_last"
+
+
+def test_cpu_profile_selection(monkeypatch):
+    assert ops.cpu_profile().name in dw.PROFILES
+    monkeypatch.setenv("UNIPERCEPTION_CPU_PROFILE", "avx512")
+    assert ops.cpu_profile().name == "avx512"
+    monkeypatch.setenv("UNIPERCEPTION_CPU_PROFILE", "avx2")
+    assert ops.cpu_profile().name == "avx2"
+    ops.set_cpu_profile("avx512")  # the explicit setting wins over the environment
+    try:
+        assert ops.cpu_profile().name == "avx512"
+    finally:
+        ops.set_cpu_profile(None)
+    monkeypatch.setenv("UNIPERCEPTION_CPU_PROFILE", "pentium")
+    with pytest.raises(InvalidInputError, match="unknown CPU profile"):
+        ops.cpu_profile()
+    with pytest.raises(InvalidInputError, match="unknown CPU profile"):
+        ops.set_cpu_profile("pentium")
+
+
+@pytest.mark.parametrize("profile", ["avx512", "avx2"], indirect=True)
+def test_pad13_follows_the_profile(profile, monkeypatch):
+    """The 15×15 padding of 13×13 inference kernels is an AVX-512 rule; outputs are equal either way."""
+    seen = []
+    real = F.conv2d
+    monkeypatch.setattr(dw.F, "conv2d", lambda x, w, *a: seen.append(tuple(w.shape[-2:])) or real(x, w, *a))
+    x, w = torch.randn(2, 8, 14, 14), torch.randn(8, 1, 13, 13)
+    with torch.no_grad():
+        out = depthwise_conv2d(x, w, padding=6, impl="channels_last")
+    assert seen == [(15, 15) if profile.pad13_max_width else (13, 13)]
+    assert max_rel_err(out, real(x, w, None, 1, 6, 1, 8)) <= 1e-5
+
+
+def test_direct_backward_edge_cases():
+    """Padding beyond the kernel's reach (negative complementary padding), rectangular and dilated kernels,
+    only some inputs needing gradients, a channels-last input, an expanded output gradient."""
+    for (kh, kw), pad, d in (((3, 3), (4, 5), (1, 1)), ((5, 3), (1, 0), (2, 3)), ((1, 7), (0, 3), (1, 1))):
+        x = torch.randn(3, 4, 9, 11, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(4, 1, kh, kw, dtype=torch.float64)
+        for need_x, need_w in ((True, True), (True, False), (False, True)):
+            xr, wr = x.clone().requires_grad_(need_x), w.clone().requires_grad_(need_w)
+            out = depthwise_conv2d(xr, wr, padding=pad, dilation=d, impl="direct")
+            ref = F.conv2d(xr, wr, None, 1, pad, d, 4)
+            assert max_rel_err(out, ref) <= 1e-10
+            inputs = [t for t in (xr, wr) if t.requires_grad]
+            got = torch.autograd.grad(out.sum(), inputs)  # sum(): an expanded, stride-0 gradient
+            want = torch.autograd.grad(ref.sum(), inputs)
+            assert all(max_rel_err(a, b) <= 1e-10 for a, b in zip(got, want, strict=True))
+
+
+def test_direct_bfloat16_gradients():
+    x = torch.randn(2, 8, 12, 10).bfloat16().requires_grad_()
+    w = (torch.randn(8, 1, 13, 13) / 13).bfloat16().requires_grad_()
+    out = depthwise_conv2d(x, w, padding=6, impl="direct")
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    rx, rw = torch.autograd.grad(F.conv2d(xf, wf, None, 1, 6, 1, 8), (xf, wf), g.float())
+    assert gx.dtype == gw.dtype == torch.bfloat16
+    assert max_rel_err(gx.float(), rx) <= 2e-2 and max_rel_err(gw.float(), rw) <= 2e-2
 
 
 def test_fft_keeps_the_channels_last_layout():
@@ -195,7 +283,7 @@ def test_module_keys_lock_and_state():
     assert fresh[0].impl == "native" and fresh[0].locked_impl is None
 
 
-@pytest.mark.parametrize("impl", ["native", "channels_last", "fft"])
+@pytest.mark.parametrize("impl", ["native", "channels_last", "direct", "fft"])
 def test_model_outputs_identical_across_impls(impl):
     m = randomize_(UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                                kernel_sizes=((3,), (13,), (17,), (11,)), num_classes=5), 3).eval()
@@ -242,4 +330,4 @@ def test_dilated_small_kernels_stay_direct_in_training():
     x = torch.randn(32, 80, 28, 28)
     for k, r in ((3, 3), (3, 4), (3, 5), (5, 1), (7, 2)):
         pad = r * (k - 1) // 2
-        assert ops.choose_impl(x, torch.randn(80, 1, k, k), (pad, pad), (r, r), training=True) == "channels_last"
+        assert ops.choose_impl(x, torch.randn(80, 1, k, k), (pad, pad), (r, r), training=True) != "fft"

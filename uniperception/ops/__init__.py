@@ -6,10 +6,12 @@ same state-dict keys); they never call an implementation directly.
 
 from .depthwise import (
     IMPLS,
+    CpuProfile,
     DepthwiseConv2d,
     available_impls,
     choose_impl,
     conv_impl_state,
+    cpu_profile,
     crop_kernel_to_reach,
     depthwise_conv2d,
     estimate_cost_ms,
@@ -18,15 +20,18 @@ from .depthwise import (
     resolve_impl,
     set_autotune,
     set_conv_impl,
+    set_cpu_profile,
 )
 from .fft import fft_depthwise_conv2d
 
 __all__ = [
     "IMPLS",
+    "CpuProfile",
     "DepthwiseConv2d",
     "available_impls",
     "choose_impl",
     "conv_impl_state",
+    "cpu_profile",
     "crop_kernel_to_reach",
     "depthwise_conv2d",
     "estimate_cost_ms",
@@ -36,4 +41,5 @@ __all__ = [
     "resolve_impl",
     "set_autotune",
     "set_conv_impl",
+    "set_cpu_profile",
 ]

@@ -8,6 +8,11 @@ depthwise weight ``[C, 1, kh, kw]`` (rectangular and dilated kernels included) a
   zero-padded to 15×15 there (oneDNN's 13×13 NHWC path is twice as slow as its 15×15 one at those sizes, for
   the same output).
 * ``blocked``: oneDNN on its 16-channel blocked layout (inference only, float32, CPU).
+* ``direct``: oneDNN's NHWC forward with a hand-written backward made of forward convolutions: the input
+  gradient is the output gradient convolved with the flipped kernel, the weight gradient a depthwise
+  correlation of input and output gradient with the batch folded into the channels (the output gradient
+  is the "kernel", the kernel taps are the outputs). PyTorch's own depthwise weight gradient unfolds every
+  (output, tap) pair (im2col); this path is 3-8× faster for large kernels on small maps.
 * ``fft``: real 2-D FFTs (:mod:`uniperception.ops.fft`), whose cost does not grow with the kernel; the
   result keeps the input's memory format (channels-last in, channels-last out).
 * ``triton``: a Triton GPU kernel (:mod:`uniperception.ops.triton_dw`), imported only on CUDA.
@@ -17,8 +22,9 @@ Before any implementation runs, the kernel is **cropped to the taps that can rea
 (taps that never touch the image get zero gradient, as in PyTorch), and is what makes very large kernels
 on small maps cheap for every implementation, backward included.
 
-``impl="auto"`` asks :func:`choose_impl`, a small cost model seeded with measurements on a 2-core x86 CPU
-(see ``docs/benchmarks.md``), optionally refined by timing the candidates once per shape
+``impl="auto"`` asks :func:`choose_impl`, a small cost model seeded with measurements on two 2-core x86 CPUs,
+one with AVX-512 and one with AVX2 only, whose oneDNN kernels rank very differently (see
+``docs/benchmarks.md`` and :func:`cpu_profile`), optionally refined by timing the candidates once per shape
 (:func:`set_autotune`, like ``cudnn.benchmark``). The choice can be forced per call (``impl=``), per
 model (``model.set_conv_impl``) or globally with the environment variable ``UNIPERCEPTION_CONV_IMPL``.
 """
@@ -33,6 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +50,27 @@ from .fft import fft_depthwise_conv2d, fft_size
 
 __all__ = [
     "IMPLS",
+    "PROFILES",
+    "CpuProfile",
     "DepthwiseConv2d",
     "available_impls",
     "choose_impl",
     "conv_impl_state",
+    "cpu_profile",
     "crop_kernel_to_reach",
     "depthwise_conv2d",
     "load_conv_impl_state",
     "resolve_impl",
     "set_autotune",
     "set_conv_impl",
+    "set_cpu_profile",
 ]
 
 logger = logging.getLogger(__name__)
 
-IMPLS: tuple[str, ...] = ("native", "channels_last", "blocked", "fft", "triton")
+IMPLS: tuple[str, ...] = ("native", "channels_last", "direct", "blocked", "fft", "triton")
 ENV_VAR = "UNIPERCEPTION_CONV_IMPL"
+PROFILE_ENV_VAR = "UNIPERCEPTION_CPU_PROFILE"
 
 Impl = Callable[[Tensor, Tensor, Tensor | None, tuple[int, int], tuple[int, int]], Tensor]
 
@@ -78,17 +90,76 @@ def _native(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], di
 def _channels_last(
     x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
 ) -> Tensor:
-    # oneDNN's NHWC 13×13 forward is a slow spot on maps up to ~28 wide that 15×15 avoids (2.0-2.4× at
-    # 80@28², 160@14², 320@7²; at 56² the plain kernel is faster); in training the padded kernel's
-    # backward is 4-5× slower (docs/benchmarks.md), so only inference pads
+    # on AVX-512 CPUs oneDNN's NHWC 13×13 forward is a slow spot on maps up to ~28 wide that 15×15 avoids
+    # (2.0-2.4× at 80@28², 160@14², 320@7²; at 56² the plain kernel is faster; on AVX2 15×15 is 1.1-1.9×
+    # slower, so that profile never pads); in training the padded kernel's backward is 4-5× slower
+    # (docs/benchmarks.md), so only inference pads
     if (
         x.device.type == "cpu" and tuple(w.shape[-2:]) == (13, 13) and dilation == (1, 1)
-        and x.shape[-1] <= _PAD13_MAX_WIDTH and not _needs_grad(x, w, b)
+        and x.shape[-1] <= cpu_profile().pad13_max_width and not _needs_grad(x, w, b)
     ):
         w = F.pad(w, (1, 1, 1, 1))
         padding = (padding[0] + 1, padding[1] + 1)
     x = x.contiguous(memory_format=torch.channels_last)
     return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+
+
+class _DirectDepthwise(torch.autograd.Function):
+    """NHWC depthwise conv whose backward is two forward-type convolutions (no im2col)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int],  # type: ignore[override]
+                dilation: tuple[int, int]) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x, w)
+        ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, b is not None
+        return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        return (*_direct_backward(x, w, gy, ctx.padding, ctx.dilation, ctx.needs_input_grad[:2],
+                                  ctx.has_bias and ctx.needs_input_grad[2]), None, None)
+
+
+def _direct_backward(
+    x: Tensor, w: Tensor, gy: Tensor, padding: tuple[int, int], dilation: tuple[int, int],
+    needs: tuple[bool, bool], needs_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Input, weight and bias gradients of a stride-1 depthwise conv, each as a forward convolution."""
+    b, c, h, wd = x.shape
+    kh, kw = w.shape[-2:]
+    (ph, pw), (dh, dw) = padding, dilation
+    gy = gy.contiguous(memory_format=torch.channels_last)
+    oh, ow = gy.shape[-2:]
+    gx = gw = gb = None
+    if needs[0]:
+        # dx = dy ⋆ flip(w) with the complementary padding (negative padding: crop dy first)
+        qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        g = gy
+        if qh < 0 or qw < 0:
+            g = F.pad(gy, (min(qw, 0), min(qw, 0), min(qh, 0), min(qh, 0)))
+            g = g.contiguous(memory_format=torch.channels_last)
+        gx = F.conv2d(g, w.flip(-2, -1), None, 1, (max(qh, 0), max(qw, 0)), dilation, c)
+    if needs[1]:
+        # dw[c, i, j] = Σ_{n,y,x} x_pad[n, c, y + i·dh, x + j·dw] · dy[n, c, y, x]: a depthwise conv of the
+        # input (batch folded into B·C channels, kept NHWC with a dense batch stride so oneDNN takes its
+        # NHWC kernel) with dy as a per-channel kernel, strided by the dilation; then a sum over the batch
+        xt = x.permute(2, 3, 0, 1).reshape(1, h, wd, b * c).permute(0, 3, 1, 2)
+        kt = gy.reshape(b * c, 1, oh, ow)
+        r = F.conv2d(xt, kt, None, (dh, dw), (ph, pw), 1, b * c)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gw = r.reshape(b, c, kh, kw).sum(0, dtype=acc).unsqueeze(1).to(w.dtype)
+    if needs_bias:
+        acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+        gb = gy.sum((0, 2, 3), dtype=acc).to(gy.dtype)
+    return gx, gw, gb
+
+
+def _direct(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    if not _needs_grad(x, w, b):
+        return _channels_last(x, w, b, padding, dilation)
+    return _DirectDepthwise.apply(x, w, b, padding, dilation)
 
 
 def _blocked(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
@@ -121,6 +192,7 @@ def _triton(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], di
 _IMPL_FNS: dict[str, Impl] = {
     "native": _native,
     "channels_last": _channels_last,
+    "direct": _direct,
     "blocked": _blocked,
     "fft": _fft,
     "triton": _triton,
@@ -141,7 +213,7 @@ def _triton_available() -> bool:
 def available_impls(device: torch.device | str = "cpu", training: bool = False) -> list[str]:
     """Implementations usable for tensors on ``device`` (``training``: that support autograd)."""
     dev = torch.device(device)
-    out = ["native", "channels_last", "fft"]
+    out = ["native", "channels_last", "direct", "fft"]
     if dev.type == "cpu" and not training:
         out.append("blocked")
     if dev.type == "cuda" and _triton_available():
@@ -190,22 +262,90 @@ _state = threading.local()
 _AUTOTUNE = {"enabled": os.environ.get("UNIPERCEPTION_CONV_AUTOTUNE", "0") == "1"}
 _AUTOTUNE_CACHE: dict[tuple, str] = {}
 
-# Cost model (milliseconds), fitted to measurements on a 2-core x86_64 CPU, torch 2.14, float32, batch 32
-# at UniRepLKNet stage shapes (``benchmarks/lk_conv.py --calibrate`` prints the data):
-# * direct channels-last forward ≈ MACs over in-image taps at ~60 GMAC/s;
-# * its backward adds ~2 forwards plus a weight gradient that PyTorch computes by im2col over every
-#   (output, tap) pair, whose cost per MAC grows with the kernel area (the im2col buffer leaves the caches);
-# * FFT ≈ N·log2(N) per channel plane (N = FFT grid area) plus a fixed cost per plane; backward ≈ 2 forwards.
-_DIRECT_MS_PER_MAC = 1.7e-8
-_DIRECT_WGRAD_MS_PER_MAC_K7 = 7e-8
-_DIRECT_WGRAD_AREA_EXPONENT = 0.9
-_FFT_MS_PER_UNIT = {False: 3.3e-7, True: 9e-7}
-_FFT_MS_PER_PLANE = {False: 1e-4, True: 3e-4}
-# inference on NCHW input: PyTorch's own NCHW kernel beats converting to channels-last for mid-size kernels
-# (13×13: 1.3-1.6× faster than channels_last at every stage shape, 51×5 too), but falls off a cliff for
-# large ones (31×31 at 40@56²: 631 ms vs 34 ms), so it is a candidate up to this many taps
-_NCHW_NATIVE_MAX_TAPS = 255
-_PAD13_MAX_WIDTH = 32
+@dataclass(frozen=True)
+class CpuProfile:
+    """Cost-model constants for one family of CPUs (milliseconds, 2 threads, float32, batch 32).
+
+    The same oneDNN build ranks its kernels very differently by instruction set: on an AVX-512 CPU
+    PyTorch's NCHW depthwise kernel is the fastest for 13×13 inference, on an AVX2-only one it is 6× slower
+    than the NHWC kernel, and a 15×15-padded 13×13 kernel is 2× faster on one and 1.2× slower on the other
+    (``docs/benchmarks.md`` has both sets of measurements).
+    """
+
+    name: str
+    #: direct NHWC forward, per (output position, in-image tap) pair
+    direct_ms_per_mac: float
+    #: PyTorch's NHWC backward: weight gradient by im2col over every (output, tap) pair, per MAC at 7×7,
+    #: growing with the kernel area (the im2col buffer leaves the caches)
+    im2col_wgrad_ms_per_mac_k7: float
+    im2col_wgrad_area_exponent: float
+    #: FFT: per N·log2(N) unit of a channel plane (N = grid area) and per plane; inference / training
+    fft_ms_per_unit: tuple[float, float]
+    fft_ms_per_plane: tuple[float, float]
+    #: inference on NCHW input: PyTorch's NCHW kernel up to this many taps (0: never)
+    nchw_native_max_taps: int
+    #: inference: pad 13×13 kernels to 15×15 on maps up to this width (0: never)
+    pad13_max_width: int
+    #: training: whether ``direct`` (hand-written backward) is a cost-model candidate, and its weight
+    #: gradient's cost per in-image MAC (at maps up to 14×14; it grows with the map area beyond)
+    direct_training: bool
+    direct_wgrad_ms_per_mac: float
+    direct_wgrad_area_exponent: float
+    #: the layout copies of the direct backward, per element of x
+    direct_copy_ms_per_element: float
+
+
+PROFILES: dict[str, CpuProfile] = {
+    # 2-core AMD EPYC with AVX-512 (the first project VMs): fitted by ``benchmarks/lk_conv.py --calibrate``
+    "avx512": CpuProfile(
+        name="avx512", direct_ms_per_mac=1.7e-8, im2col_wgrad_ms_per_mac_k7=7e-8, im2col_wgrad_area_exponent=0.9,
+        fft_ms_per_unit=(3.3e-7, 9e-7), fft_ms_per_plane=(1e-4, 3e-4),
+        # NCHW 13×13: 1.3-1.6× faster than channels_last at every stage shape, 51×5 too; it falls off a
+        # cliff for large kernels (31×31 at 40@56²: 631 ms vs 34 ms)
+        nchw_native_max_taps=255, pad13_max_width=32,
+        # the direct backward was built after those machines were measured: only autotune picks it there
+        direct_training=False, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
+        direct_copy_ms_per_element=2e-7,
+    ),
+    # 2-core AMD EPYC with AVX2 only (oneDNN's NCHW and blocked depthwise kernels fall back to slow paths for
+    # kernels above 7×7 there: 13×13 at 40@56² NCHW 172 ms vs NHWC 27 ms)
+    "avx2": CpuProfile(
+        name="avx2", direct_ms_per_mac=4.2e-8, im2col_wgrad_ms_per_mac_k7=7e-8, im2col_wgrad_area_exponent=0.9,
+        fft_ms_per_unit=(5.3e-7, 1.45e-6), fft_ms_per_plane=(1.6e-4, 4.8e-4),
+        nchw_native_max_taps=0, pad13_max_width=0,
+        direct_training=True, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
+        direct_copy_ms_per_element=4e-7,
+    ),
+}
+_PROFILE: dict[str, CpuProfile | None] = {"forced": None}
+
+
+@functools.cache
+def _detected_profile() -> str:
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "avx512" if cap.startswith("AVX512") else "avx2"
+
+
+def cpu_profile() -> CpuProfile:
+    """The cost-model constants in use: :func:`set_cpu_profile`, then ``UNIPERCEPTION_CPU_PROFILE``
+    (``avx512`` / ``avx2``), then the CPU's vector capability as PyTorch reports it."""
+    forced = _PROFILE["forced"]
+    if forced is not None:
+        return forced
+    name = os.environ.get(PROFILE_ENV_VAR) or _detected_profile()
+    if name not in PROFILES:
+        raise InvalidInputError(f"unknown CPU profile {name!r} in ${PROFILE_ENV_VAR}; choose from {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def set_cpu_profile(profile: str | CpuProfile | None) -> None:
+    """Use these cost-model constants (a name from :data:`PROFILES` or a :class:`CpuProfile`);
+    ``None`` goes back to detection."""
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise InvalidInputError(f"unknown CPU profile {profile!r}; choose from {sorted(PROFILES)}")
+        profile = PROFILES[profile]
+    _PROFILE["forced"] = profile
 
 
 def _taps(size: int, k: int, pad: int, dil: int) -> int:
@@ -227,30 +367,39 @@ def estimate_cost_ms(
     training: bool,
     dilation: tuple[int, int] = (1, 1),
 ) -> float:
-    """The cost model's estimate for one call (after cropping), in milliseconds on the reference CPU.
+    """The cost model's estimate for one call (after cropping), in milliseconds on a reference CPU of the
+    current :func:`cpu_profile`.
 
     ``training`` means forward + backward (input and weight gradients). A dilated kernel costs its real
     taps in the direct implementations and its full extent in the FFT one.
     """
+    prof = cpu_profile()
     b, c, h, w = x_shape
     kh, kw = k_shape
     ph, pw = padding
     dh, dw = dilation
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     planes = b * c
-    if impl in ("channels_last", "native", "blocked"):
-        fwd = planes * _taps(h, kh, ph, dh) * _taps(w, kw, pw, dw) * _DIRECT_MS_PER_MAC
+    oh, ow = h + 2 * ph - eh + 1, w + 2 * pw - ew + 1
+    if impl in ("channels_last", "native", "blocked", "direct"):
+        in_image = planes * _taps(h, kh, ph, dh) * _taps(w, kw, pw, dw)
+        fwd = in_image * prof.direct_ms_per_mac
         if impl == "native" and (kh, kw) != (3, 3):
             fwd *= 2.0
         if not training:
             return fwd
-        oh, ow = h + 2 * ph - eh + 1, w + 2 * pw - ew + 1
-        per_mac = _DIRECT_WGRAD_MS_PER_MAC_K7 * (kh * kw / 49) ** _DIRECT_WGRAD_AREA_EXPONENT
+        if impl == "direct":
+            # forward + input gradient (a forward with the flipped kernel) + the weight gradient, whose
+            # "kernel" is the output map: oneDNN's efficiency drops once that map is large
+            area = max(1.0, oh * ow / 196) ** prof.direct_wgrad_area_exponent
+            copies = 3 * planes * h * w * prof.direct_copy_ms_per_element
+            return 2 * fwd + in_image * prof.direct_wgrad_ms_per_mac * area + copies
+        per_mac = prof.im2col_wgrad_ms_per_mac_k7 * (kh * kw / 49) ** prof.im2col_wgrad_area_exponent
         return 3 * fwd + planes * oh * ow * kh * kw * per_mac
     if impl == "fft":
         s0, s1 = fft_size(max(h + ph, eh)), fft_size(max(w + pw, ew))
         n = s0 * s1
-        return planes * (n * math.log2(max(n, 2)) * _FFT_MS_PER_UNIT[training] + _FFT_MS_PER_PLANE[training])
+        return planes * (n * math.log2(max(n, 2)) * prof.fft_ms_per_unit[training] + prof.fft_ms_per_plane[training])
     return math.inf
 
 
@@ -276,16 +425,17 @@ def choose_impl(
             _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
         return _AUTOTUNE_CACHE[key]
     kh, kw = weight.shape[-2:]
+    prof = cpu_profile()
     if not training and dilation == (1, 1):
         if max(kh, kw) <= 7:
             return "channels_last"
-        if kh * kw <= _NCHW_NATIVE_MAX_TAPS and not _is_channels_last(x):
+        if kh * kw <= prof.nchw_native_max_taps and not _is_channels_last(x):
             return "native"
     shape = tuple(x.shape)
-    costs = {
-        impl: estimate_cost_ms(impl, shape, (kh, kw), padding, training, dilation)
-        for impl in ("channels_last", "fft")
-    }
+    candidates = ["channels_last", "fft"]
+    if training and prof.direct_training:
+        candidates.insert(1, "direct")
+    costs = {impl: estimate_cost_ms(impl, shape, (kh, kw), padding, training, dilation) for impl in candidates}
     return min(costs, key=costs.__getitem__)
 
 
