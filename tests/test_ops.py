@@ -219,6 +219,21 @@ def test_direct_backward_edge_cases():
             assert all(max_rel_err(a, b) <= 1e-10 for a, b in zip(got, want, strict=True))
 
 
+def test_direct_under_bf16_autocast():
+    """Under autocast the conv runs in bfloat16 and the gradients come back in the parameters' float32."""
+    x = torch.randn(2, 8, 12, 10, requires_grad=True)
+    w = torch.randn(8, 1, 13, 13, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv2d(x, w, b, padding=6, impl="direct")
+        ref = F.conv2d(x, w, b, 1, 6, 1, 8)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    got = torch.autograd.grad(out.float().square().sum(), (x, w, b))
+    want = torch.autograd.grad(ref.float().square().sum(), (x, w, b))
+    for g, r, t in zip(got, want, (x, w, b), strict=True):
+        assert g.dtype == t.dtype and max_rel_err(g, r) <= 3e-2
+
+
 def test_direct_bfloat16_gradients():
     x = torch.randn(2, 8, 12, 10).bfloat16().requires_grad_()
     w = (torch.randn(8, 1, 13, 13) / 13).bfloat16().requires_grad_()

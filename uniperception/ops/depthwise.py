@@ -110,16 +110,26 @@ class _DirectDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int],  # type: ignore[override]
                 dilation: tuple[int, int]) -> Tensor:
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # cast as autocast would for conv2d, then keep one dtype throughout
+            dt = torch.get_autocast_dtype(dev)
+            x, w = x.to(dt), w.to(dt)
+            b = b.to(dt) if b is not None else None
         x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, w)
         ctx.padding, ctx.dilation, ctx.has_bias = padding, dilation, b is not None
-        return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+        with torch.autocast(dev, enabled=False):
+            return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, w = ctx.saved_tensors
-        return (*_direct_backward(x, w, gy, ctx.padding, ctx.dilation, ctx.needs_input_grad[:2],
-                                  ctx.has_bias and ctx.needs_input_grad[2]), None, None)
+        with torch.autocast(x.device.type, enabled=False):
+            grads = _direct_backward(x, w, gy.to(x.dtype), ctx.padding, ctx.dilation, ctx.needs_input_grad[:2],
+                                     ctx.has_bias and ctx.needs_input_grad[2])
+        out = tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes, strict=True))
+        return (*out, None, None)
 
 
 def _direct_backward(
