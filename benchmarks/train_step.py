@@ -12,6 +12,8 @@ A training step is forward + cross-entropy loss + backward + ``AdamW.step()`` (+
   (see ``benchmarks/_common.py``);
 * ``engine-native-conv``: this package's block code (channels-last, 1×1 convs, GEMM GRN) with
   ``set_conv_impl("native")``, i.e. the block-level work without the convolution engine;
+* ``engine-no-direct``: the package defaults, except that the cost model may not pick the ``direct``
+  implementation (hand-written depthwise backward), i.e. what the engine did before it existed;
 * ``engine``: the package defaults (``impl="auto"``);
 * ``engine+cp``: the defaults with ``model.set_grad_checkpointing(True)``.
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -90,7 +93,7 @@ except ImportError:  # run as ``python -m benchmarks.train_step``
         warn_malloc_env,
     )
 
-MODES = ("official", "engine-native-conv", "engine", "engine+cp")
+MODES = ("official", "engine-native-conv", "engine-no-direct", "engine", "engine+cp")
 LOSS_RTOL = 1e-4
 
 
@@ -144,6 +147,9 @@ def configure(model: nn.Module, mode: str) -> nn.Module:
         make_official(model)
     elif mode == "engine-native-conv":
         model.set_conv_impl("native")
+    elif mode == "engine-no-direct":
+        model.set_conv_impl("auto")
+        _exclude_direct(model)
     elif mode == "engine":
         model.set_conv_impl("auto")
     elif mode == "engine+cp":
@@ -152,6 +158,16 @@ def configure(model: nn.Module, mode: str) -> nn.Module:
     else:
         raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
     return model.train()
+
+
+def _exclude_direct(model: nn.Module) -> None:
+    """Run this model's forward passes (where the per-layer choices are locked) with a cost model that
+    never picks ``direct``; the backward passes never consult the cost model."""
+    from uniperception.ops import cpu_profile, set_cpu_profile
+
+    profile = dataclasses.replace(cpu_profile(), direct_training=False)
+    model.register_forward_pre_hook(lambda *_: set_cpu_profile(profile))
+    model.register_forward_hook(lambda *_: set_cpu_profile(None))
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -169,6 +169,13 @@ def test_auto_choices_avx2(profile):
     assert ops.choose_impl(torch.randn(32, 80, 28, 28), torch.randn(80, 1, 31, 31), (15, 15), (1, 1), False) == "fft"
     assert ops.choose_impl(torch.randn(32, 160, 14, 14), torch.randn(160, 1, 27, 27), (13, 13), (1, 1), False) \
         == "channels_last"
+    # NCHW's kernel is the fast one for kernels up to 9 wide, tall ones included
+    x = torch.randn(32, 80, 28, 28)
+    for (kh, kw), want in (((3, 3), "native"), ((51, 5), "native"), ((9, 9), "native"), ((5, 51), "channels_last"),
+                           ((11, 11), "channels_last")):
+        assert ops.choose_impl(x, torch.randn(80, 1, kh, kw), (kh // 2, kw // 2), (1, 1), False) == want
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert ops.choose_impl(cl, torch.randn(80, 1, 51, 5), (25, 2), (1, 1), False) == "channels_last"
 
 
 def test_cpu_profile_selection(monkeypatch):

@@ -292,8 +292,11 @@ class CpuProfile:
     #: FFT: per N·log2(N) unit of a channel plane (N = grid area) and per plane; inference / training
     fft_ms_per_unit: tuple[float, float]
     fft_ms_per_plane: tuple[float, float]
-    #: inference on NCHW input: PyTorch's NCHW kernel up to this many taps (0: never)
+    #: inference on NCHW input: PyTorch's NCHW kernel up to this many taps and this kernel width, checked
+    #: before (``nchw_native_first``) or after the rule that sends kernels up to 7×7 to channels_last
     nchw_native_max_taps: int
+    nchw_native_max_width: int
+    nchw_native_first: bool
     #: inference: pad 13×13 kernels to 15×15 on maps up to this width (0: never)
     pad13_max_width: int
     #: training: whether ``direct`` (hand-written backward) is a cost-model candidate, and its weight
@@ -312,17 +315,18 @@ PROFILES: dict[str, CpuProfile] = {
         fft_ms_per_unit=(3.3e-7, 9e-7), fft_ms_per_plane=(1e-4, 3e-4),
         # NCHW 13×13: 1.3-1.6× faster than channels_last at every stage shape, 51×5 too; it falls off a
         # cliff for large kernels (31×31 at 40@56²: 631 ms vs 34 ms)
-        nchw_native_max_taps=255, pad13_max_width=32,
+        nchw_native_max_taps=255, nchw_native_max_width=1 << 30, nchw_native_first=False, pad13_max_width=32,
         # the direct backward was built after those machines were measured: only autotune picks it there
         direct_training=False, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
         direct_copy_ms_per_element=2e-7,
     ),
-    # 2-core AMD EPYC with AVX2 only (oneDNN's NCHW and blocked depthwise kernels fall back to slow paths for
-    # kernels above 7×7 there: 13×13 at 40@56² NCHW 172 ms vs NHWC 27 ms)
+    # 2-core AMD EPYC with AVX2 only: oneDNN's NCHW (and blocked) depthwise kernel falls back to a slow path
+    # for kernels wider than 9 taps (13×13 at 40@56²: NCHW 172 ms vs NHWC 27 ms; 5×13 at 80@28²: 50 vs 6 ms)
+    # and is the fastest for narrower ones, tall ones included (51×5 at 80@28²: 6 vs 11 ms)
     "avx2": CpuProfile(
         name="avx2", direct_ms_per_mac=4.2e-8, im2col_wgrad_ms_per_mac_k7=7e-8, im2col_wgrad_area_exponent=0.9,
         fft_ms_per_unit=(5.3e-7, 1.45e-6), fft_ms_per_plane=(1.6e-4, 4.8e-4),
-        nchw_native_max_taps=0, pad13_max_width=0,
+        nchw_native_max_taps=1 << 30, nchw_native_max_width=9, nchw_native_first=True, pad13_max_width=0,
         direct_training=True, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
         direct_copy_ms_per_element=4e-7,
     ),
@@ -437,9 +441,13 @@ def choose_impl(
     kh, kw = weight.shape[-2:]
     prof = cpu_profile()
     if not training and dilation == (1, 1):
+        nchw = (not _is_channels_last(x) and kh * kw <= prof.nchw_native_max_taps
+                and kw <= prof.nchw_native_max_width)
+        if nchw and prof.nchw_native_first:
+            return "native"
         if max(kh, kw) <= 7:
             return "channels_last"
-        if kh * kw <= prof.nchw_native_max_taps and not _is_channels_last(x):
+        if nchw:
             return "native"
     shape = tuple(x.shape)
     candidates = ["channels_last", "fft"]
