@@ -347,9 +347,37 @@ def test_deploy_model_matches_training_form_on_odd_sizes():
     assert max_rel_err(dep, ref) <= 1e-4
 
 
-def test_dilated_small_kernels_stay_direct_in_training():
+@pytest.mark.parametrize("profile", ["avx512", "avx2"], indirect=True)
+def test_dilated_small_kernels_stay_direct_in_training(profile):
     """A 3×3 kernel with dilation 5 has 9 taps: the FFT of its 11×11 extent must not be chosen."""
     x = torch.randn(32, 80, 28, 28)
     for k, r in ((3, 3), (3, 4), (3, 5), (5, 1), (7, 2)):
         pad = r * (k - 1) // 2
         assert ops.choose_impl(x, torch.randn(80, 1, k, k), (pad, pad), (r, r), training=True) != "fft"
+
+
+@pytest.mark.parametrize("profile", ["avx2"], indirect=True)
+@pytest.mark.parametrize("impl", ["auto", "channels_last", "direct", "fft"])
+def test_wide_dilated_kernels_run_dense_on_avx2(profile, impl, monkeypatch):
+    """On AVX2 a dilated kernel wider than 9 taps runs as its dense equivalent (same outputs and gradients,
+    zeros between the taps get none); narrower ones keep their dilation; ``native`` is never rewritten."""
+    seen = []
+    real = F.conv2d
+    monkeypatch.setattr(dw.F, "conv2d", lambda x, w, b, s, p, d, g: seen.append((tuple(w.shape[-2:]), d))
+                        or real(x, w, b, s, p, d, g))
+    x = torch.randn(2, 6, 15, 13, dtype=torch.float64, requires_grad=True)
+    for k, d, dense in ((7, 2, True), (3, 5, True), (3, 4, False)):
+        w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
+        pad = d * (k - 1) // 2
+        seen.clear()
+        out = depthwise_conv2d(x, w, padding=pad, dilation=d, impl=impl)
+        ref = real(x, w, None, 1, pad, d, 6)
+        assert max_rel_err(out, ref) <= 1e-10
+        g = torch.randn_like(ref)
+        got, want = torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)
+        assert all(max_rel_err(a, b) <= 1e-10 for a, b in zip(got, want, strict=True))
+        if impl != "fft":
+            assert all((dil in ((1, 1), 1)) == dense for _, dil in seen[:1]), seen
+    seen.clear()
+    depthwise_conv2d(x, torch.randn(6, 1, 7, 7, dtype=torch.float64), padding=6, dilation=2, impl="native")
+    assert seen[0][1] == (2, 2)

@@ -306,6 +306,11 @@ class CpuProfile:
     direct_wgrad_area_exponent: float
     #: the layout copies of the direct backward, per element of x
     direct_copy_ms_per_element: float
+    #: dilated kernels whose extent (dilation·(k−1)+1) exceeds this run as the equivalent dense kernel (zeros
+    #: between the taps): oneDNN's dilated path is slow above it (0: never densify)
+    densify_dilated_above: int = 0
+    #: training cost of PyTorch's channels_last backward for a dilated kernel, × the undilated estimate
+    dilated_channels_last_training_factor: float = 1.0
 
 
 PROFILES: dict[str, CpuProfile] = {
@@ -329,6 +334,10 @@ PROFILES: dict[str, CpuProfile] = {
         nchw_native_max_taps=1 << 30, nchw_native_max_width=9, nchw_native_first=True, pad13_max_width=0,
         direct_training=True, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
         direct_copy_ms_per_element=4e-7,
+        # dilated NHWC kernels wider than 9 taps fall back there too (7×7 dilation 2 at 160@14², training:
+        # 91 ms, as the dense 13×13 through the engine 20 ms; 3×3 dilation 5: 25 vs 16.5 ms); narrower ones are
+        # fast forward but their PyTorch backward is 3-6× slower than direct's (3×3 dilation 3: 15.5 vs 4.3 ms)
+        densify_dilated_above=9, dilated_channels_last_training_factor=12.0,
     ),
 }
 _PROFILE: dict[str, CpuProfile | None] = {"forced": None}
@@ -409,7 +418,8 @@ def estimate_cost_ms(
             copies = 3 * planes * h * w * prof.direct_copy_ms_per_element
             return 2 * fwd + in_image * prof.direct_wgrad_ms_per_mac * area + copies
         per_mac = prof.im2col_wgrad_ms_per_mac_k7 * (kh * kw / 49) ** prof.im2col_wgrad_area_exponent
-        return 3 * fwd + planes * oh * ow * kh * kw * per_mac
+        cost = 3 * fwd + planes * oh * ow * kh * kw * per_mac
+        return cost * prof.dilated_channels_last_training_factor if (dh, dw) != (1, 1) else cost
     if impl == "fft":
         s0, s1 = fft_size(max(h + ph, eh)), fft_size(max(w + pw, ew))
         n = s0 * s1
@@ -546,6 +556,8 @@ def depthwise_conv2d(
         # strided convs, and graphs being traced/exported/compiled, use the standard op: exported
         # graphs then hold a plain convolution every runtime (ONNX, torch.export, TorchScript) knows
         return F.conv2d(x, weight, bias, stride, padding, dilation, c)
+    if impl != "native":
+        weight, dilation = _densify_dilated(x, weight, dilation)
     weight, padding = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
     chosen = impl if impl != "auto" else choose_impl(x, weight, padding, dilation, _needs_grad(x, weight, bias))
     if chosen not in _IMPL_FNS:
@@ -567,8 +579,24 @@ def resolve_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
 ) -> str:
     """The implementation ``impl="auto"`` would run for these arguments (stride 1)."""
-    w, p = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
-    return choose_impl(x, w, p, dilation, _needs_grad(x, weight, bias))
+    w, d = _densify_dilated(x, weight, dilation)
+    w, p = crop_kernel_to_reach(w, tuple(x.shape[-2:]), padding, d)
+    return choose_impl(x, w, p, d, _needs_grad(x, weight, bias))
+
+
+def _densify_dilated(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """A dilated kernel as the dense kernel it equals (zeros between taps; same padding, same output), where
+    the CPU profile says the dense kernel is faster. Differentiable: the zeros get no gradient."""
+    limit = cpu_profile().densify_dilated_above
+    if not limit or x.device.type != "cpu" or dilation == (1, 1):
+        return weight, dilation
+    (kh, kw), (dh, dw) = weight.shape[-2:], dilation
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if max(eh, ew) <= limit:
+        return weight, dilation
+    dense = weight.new_zeros((*weight.shape[:-2], eh, ew))
+    dense[..., ::dh, ::dw] = weight
+    return dense, (1, 1)
 
 
 class DepthwiseConv2d(nn.Conv2d):
