@@ -351,7 +351,8 @@ def _detected_profile() -> str:
 
 def cpu_profile() -> CpuProfile:
     """The cost-model constants in use: :func:`set_cpu_profile`, then ``UNIPERCEPTION_CPU_PROFILE``
-    (``avx512`` / ``avx2``), then the CPU's vector capability as PyTorch reports it."""
+    (``avx512`` / ``avx2``), then the CPU's vector capability as PyTorch reports it (every CPU without
+    AVX-512 gets the ``avx2`` constants). The setting is process-wide, like :func:`set_autotune`."""
     forced = _PROFILE["forced"]
     if forced is not None:
         return forced
