@@ -368,3 +368,25 @@ def test_inplace_inference_matches_and_can_be_turned_off_for_hooks() -> None:
         intact = block.norm(block.dwconv(stage_in))
     torch.testing.assert_close(seen[-1], intact)  # switched off: the hook kept the true output
     assert not torch.allclose(hooked, intact)  # switched on: SE had scaled it in place afterwards
+
+
+def test_grn_chunked_sum_of_squares_in_inference(monkeypatch):
+    """Inference GRN squares a few samples at a time (in cache); the result equals the one-pass formula, in
+    both layouts, and autograd still gets the plain differentiable path."""
+    import uniperception.layers.norm as norm
+
+    monkeypatch.setattr(norm, "_SQUARES_CHUNK_BYTES", 3 * 13 * 11 * 4 * 2)  # 2 samples a chunk, 7 samples
+    grn = GRN(13)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(7, 13, 3, 11).contiguous(memory_format=torch.channels_last)
+    gx = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+    want = grn.gamma.view(1, -1, 1, 1) * (x * (gx / (gx.mean(1, keepdim=True) + 1e-6))) + grn.beta.view(1, -1, 1, 1) + x
+    assert norm._chunked_sum_of_squares(x) is not None
+    torch.testing.assert_close(norm._chunked_sum_of_squares(x), x.square().sum((2, 3)))
+    with torch.no_grad():
+        torch.testing.assert_close(grn.forward_channels_first(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grn(x.permute(0, 2, 3, 1)), want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    assert norm._chunked_sum_of_squares(x.contiguous()) is None  # channels innermost only
+    assert norm._chunked_sum_of_squares(x.requires_grad_()) is None

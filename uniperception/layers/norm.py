@@ -32,12 +32,50 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+#: inference: squares are formed this many bytes of samples at a time, so they are summed while in cache
+_SQUARES_CHUNK_BYTES = 4 << 20
+_SQUARES_MAX_CHUNK = 8
+
+
 def _spatial_sum_of_squares(x: Tensor, spatial: tuple[int, int]) -> Tensor:
     """``(x²).sum(spatial, keepdim=True)`` for NCHW (``spatial=(2, 3)``) or NHWC (``(1, 2)``) ``x``, fast on CPU."""
+    chunked = _chunked_sum_of_squares(x if spatial == (2, 3) else x.permute(0, 3, 1, 2))
+    if chunked is not None:
+        return chunked[:, :, None, None] if spatial == (2, 3) else chunked[:, None, None, :]
     sq = x * x
     if spatial == (2, 3):
         return _spatial_sum(sq)[:, :, None, None]
     return _spatial_sum(sq.permute(0, 3, 1, 2))[:, None, None, :]
+
+
+def _chunked_sum_of_squares(t: Tensor) -> Tensor | None:
+    """``(t²).sum((2, 3))`` as ``[B, C]`` for a channels-innermost ``t``, a few samples at a time (inference only).
+
+    Squaring the whole tensor first writes and re-reads a full-size temporary through memory; in chunks of
+    about 4 MB the squares are summed (the ``ones @ t²`` GEMM) while still in cache: 8.3 → 3.6 ms for
+    32×160×56², 3.2 → 1.5 ms for 32×320×28² (2-core AVX2 EPYC). ``None`` where it does not apply: autograd,
+    tracing/export (the loop would fix the batch size), other layouts, maps too small to gain.
+    """
+    if t.dim() != 4 or (torch.is_grad_enabled() and t.requires_grad):
+        return None
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return None
+    b, c, h, w = t.shape
+    nhwc = t.permute(0, 2, 3, 1)
+    chunk = max(1, _SQUARES_CHUNK_BYTES // max(1, h * w * c * t.element_size()))
+    if not nhwc.is_contiguous() or chunk > _SQUARES_MAX_CHUNK or chunk >= b:
+        return None
+    n0 = min(chunk, b)
+    buf = t.new_empty(n0, h * w, c)
+    ones = t.new_ones(n0, 1, h * w)
+    out = t.new_empty(b, 1, c)
+    flat = nhwc.reshape(b, h * w, c)
+    for i in range(0, b, chunk):
+        xs = flat[i : i + chunk]
+        n = xs.shape[0]
+        torch.mul(xs, xs, out=buf[:n])
+        torch.matmul(ones[:n], buf[:n], out=out[i : i + n])
+    return out.view(b, c)
 
 
 def _spatial_sum(t: Tensor) -> Tensor:
