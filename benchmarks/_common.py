@@ -77,15 +77,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_profile_name() -> str:
-    from uniperception.ops import cpu_profile
-
-    return cpu_profile().name
-
-
 def base_meta(threads: int) -> dict[str, Any]:
     """Run-environment fields every benchmark reports."""
     import uniperception as up
+    from uniperception.ops import cpu_profile
 
     try:
         import timm
@@ -101,7 +96,7 @@ def base_meta(threads: int) -> dict[str, Any]:
         "git": git_revision(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
-        "cpu_profile": _cpu_profile_name(),
+        "cpu_profile": cpu_profile().name,
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "malloc_env_set": malloc_env_set(),
@@ -113,7 +108,7 @@ def base_meta(threads: int) -> dict[str, Any]:
 def header_line(meta: dict[str, Any]) -> str:
     return (
         f"uniperception {meta['uniperception']} ({meta['git']}), torch {meta['torch']}, timm {meta['timm']}, "
-        f"{meta['threads']} threads, {meta['cpu']}, engine cost profile {meta.get('cpu_profile', '?')}, "
+        f"{meta['threads']} threads, {meta['cpu']}, engine cost profile {meta['cpu_profile']}, "
         f"{meta['date']}; malloc env set: "
         f"{'yes' if meta['malloc_env_set'] else 'NO'}; CPU share {100 * meta['cpu_share']:.0f}% "
         "(process CPU time / (wall time × threads) of the timed calls; ~100% = uncontended); "

@@ -255,7 +255,7 @@ def impls_for(cfg: Config, all_impls: bool) -> list[str]:
     out = ["native", "auto"]
     if all_impls:
         # blocked has no autograd; direct differs from channels_last only in its backward
-        out += [i for i in EXTRA_IMPLS if not (i == "blocked" and cfg.training) and not (i == "direct" and not cfg.training)]
+        out += [i for i in EXTRA_IMPLS if i != ("blocked" if cfg.training else "direct")]
     return out
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.depthwise import _is_tracing
+
 __all__ = ["GRN", "LayerNorm2d"]
 
 
@@ -58,16 +60,15 @@ def _chunked_sum_of_squares(t: Tensor) -> Tensor | None:
     """
     if t.dim() != 4 or (torch.is_grad_enabled() and t.requires_grad):
         return None
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if _is_tracing():
         return None
     b, c, h, w = t.shape
     nhwc = t.permute(0, 2, 3, 1)
     chunk = max(1, _SQUARES_CHUNK_BYTES // max(1, h * w * c * t.element_size()))
     if not nhwc.is_contiguous() or chunk > _SQUARES_MAX_CHUNK or chunk >= b:
         return None
-    n0 = min(chunk, b)
-    buf = t.new_empty(n0, h * w, c)
-    ones = t.new_ones(n0, 1, h * w)
+    buf = t.new_empty(chunk, h * w, c)
+    ones = t.new_ones(chunk, 1, h * w)
     out = t.new_empty(b, 1, c)
     flat = nhwc.reshape(b, h * w, c)
     for i in range(0, b, chunk):
@@ -172,7 +173,7 @@ class GRN(nn.Module):
         if (
             torch.is_grad_enabled() and x.dim() == 4
             and (x.requires_grad or self.gamma.requires_grad or (self.beta is not None and self.beta.requires_grad))
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+            and not _is_tracing()
         ):
             # training: the hand-written backward (same values); NHWC input runs as its NCHW-shaped view
             xc = x if spatial == (2, 3) else x.permute(0, 3, 1, 2)

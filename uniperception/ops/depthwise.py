@@ -142,6 +142,7 @@ def _direct_backward(
     (ph, pw), (dh, dw) = padding, dilation
     gy = gy.contiguous(memory_format=torch.channels_last)
     oh, ow = gy.shape[-2:]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # batch sums (x and dy share a dtype)
     gx = gw = gb = None
     if needs[0]:
         # dx = dy ⋆ flip(w) with the complementary padding (negative padding: crop dy first)
@@ -158,10 +159,8 @@ def _direct_backward(
         xt = x.permute(2, 3, 0, 1).reshape(1, h, wd, b * c).permute(0, 3, 1, 2)
         kt = gy.reshape(b * c, 1, oh, ow)
         r = F.conv2d(xt, kt, None, (dh, dw), (ph, pw), 1, b * c)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         gw = r.reshape(b, c, kh, kw).sum(0, dtype=acc).unsqueeze(1).to(w.dtype)
     if needs_bias:
-        acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
         gb = gy.sum((0, 2, 3), dtype=acc).to(gy.dtype)
     return gx, gw, gb
 
@@ -557,9 +556,7 @@ def depthwise_conv2d(
         # strided convs, and graphs being traced/exported/compiled, use the standard op: exported
         # graphs then hold a plain convolution every runtime (ONNX, torch.export, TorchScript) knows
         return F.conv2d(x, weight, bias, stride, padding, dilation, c)
-    if impl != "native":
-        weight, dilation = _densify_dilated(x, weight, dilation)
-    weight, padding = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
+    weight, padding, dilation = _prepare_kernel(x, weight, padding, dilation, densify=impl != "native")
     chosen = impl if impl != "auto" else choose_impl(x, weight, padding, dilation, _needs_grad(x, weight, bias))
     if chosen not in _IMPL_FNS:
         raise InvalidInputError(f"unknown convolution implementation {chosen!r}; choose from {IMPLS}")
@@ -580,9 +577,19 @@ def resolve_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]
 ) -> str:
     """The implementation ``impl="auto"`` would run for these arguments (stride 1)."""
-    w, d = _densify_dilated(x, weight, dilation)
-    w, p = crop_kernel_to_reach(w, tuple(x.shape[-2:]), padding, d)
+    w, p, d = _prepare_kernel(x, weight, padding, dilation, densify=True)
     return choose_impl(x, w, p, d, _needs_grad(x, weight, bias))
+
+
+def _prepare_kernel(
+    x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int], densify: bool
+) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+    """What every implementation but ``native`` receives: the kernel densified where the CPU profile says
+    so, then cropped to the taps that reach the image."""
+    if densify:
+        weight, dilation = _densify_dilated(x, weight, dilation)
+    weight, padding = crop_kernel_to_reach(weight, tuple(x.shape[-2:]), padding, dilation)
+    return weight, padding, dilation
 
 
 def _densify_dilated(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:

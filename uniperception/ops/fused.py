@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .depthwise import _is_tracing
+
 __all__ = ["linear_gelu_nchw", "onednn_fusion_available"]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def linear_gelu_nchw(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        and not _is_tracing()
         and onednn_fusion_available()
     )
     if fusable:
