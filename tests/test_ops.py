@@ -358,15 +358,22 @@ def test_dilated_small_kernels_stay_direct_in_training(profile):
 
 @pytest.mark.parametrize("profile", ["avx2"], indirect=True)
 @pytest.mark.parametrize("impl", ["auto", "channels_last", "direct", "fft"])
-def test_wide_dilated_kernels_run_dense_on_avx2(profile, impl, monkeypatch):
-    """On AVX2 a dilated kernel wider than 9 taps runs as its dense equivalent (same outputs and gradients,
-    zeros between the taps get none); narrower ones keep their dilation; ``native`` is never rewritten."""
+def test_wide_dilated_kernels_are_rewritten_on_avx2(profile, impl, monkeypatch):
+    """On AVX2 a dilated kernel wider than 9 taps runs undilated on the map's sub-grids (space-to-batch) when
+    they are at least 3 pixels wide, else as its dense equivalent; narrower ones keep their dilation;
+    ``native`` is never rewritten. Outputs and gradients are the plain dilated conv's."""
     seen = []
     real = F.conv2d
-    monkeypatch.setattr(dw.F, "conv2d", lambda x, w, b, s, p, d, g: seen.append((tuple(w.shape[-2:]), d))
-                        or real(x, w, b, s, p, d, g))
-    x = torch.randn(2, 6, 15, 13, dtype=torch.float64, requires_grad=True)
-    for k, d, dense in ((7, 2, True), (3, 5, True), (3, 4, False)):
+    monkeypatch.setattr(dw.F, "conv2d", lambda x, w, b, s, p, d, g: seen.append(
+        (tuple(x.shape), tuple(w.shape[-2:]), dw._pair(d))) or real(x, w, b, s, p, d, g))
+    # (map, k, dilation, expected first conv: input shape, kernel, dilation)
+    for (h, wd), k, d, first in (
+        ((15, 13), 7, 2, ((8, 6, 8, 7), (7, 7), (1, 1))),  # 2×2 sub-grids of 8×7 (zero-padded to 16×14)
+        ((15, 13), 3, 5, ((50, 6, 3, 3), (3, 3), (1, 1))),  # 5×5 sub-grids of 3×3
+        ((9, 13), 3, 5, ((2, 6, 9, 13), (11, 11), (1, 1))),  # sub-grids 2 high: too small, dense 11×11
+        ((15, 13), 3, 4, ((2, 6, 15, 13), (3, 3), (4, 4))),  # extent 9: oneDNN's dilated kernel is fine
+    ):
+        x = torch.randn(2, 6, h, wd, dtype=torch.float64, requires_grad=True)
         w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
         pad = d * (k - 1) // 2
         seen.clear()
@@ -376,8 +383,57 @@ def test_wide_dilated_kernels_run_dense_on_avx2(profile, impl, monkeypatch):
         g = torch.randn_like(ref)
         got, want = torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)
         assert all(max_rel_err(a, b) <= 1e-10 for a, b in zip(got, want, strict=True))
-        if impl != "fft":  # the first conv is the forward: densified iff it runs undilated
-            assert seen and (seen[0][1] in ((1, 1), 1)) == dense, seen
+        if impl != "fft":  # the first conv is the forward
+            assert seen and seen[0] == first, seen
     seen.clear()
     depthwise_conv2d(x, torch.randn(6, 1, 7, 7, dtype=torch.float64), padding=6, dilation=2, impl="native")
-    assert seen[0][1] == (2, 2)
+    assert seen[0][1:] == ((7, 7), (2, 2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(("kh", "kw", "dil", "pad", "h", "w"), [
+    (7, 7, (2, 2), (6, 6), 28, 28),
+    (3, 3, (5, 5), (5, 5), 14, 14),    # 14 = 2·5 + 4: sub-grids of 3 and 2 pixels, zero-padded to 15
+    (3, 5, (3, 2), (3, 4), 17, 10),    # rectangular kernel, different dilations
+    (5, 3, (1, 4), (2, 4), 9, 23),     # dilated along one axis only
+    (3, 3, (2, 2), (4, 6), 11, 12),    # padding beyond "same" (multiples of the dilation): larger output
+    (5, 5, (3, 3), (3, 3), 16, 20),    # padding below "same": smaller output
+])
+def test_space_to_batch_conv_is_exact(kh, kw, dil, pad, h, w, channels_last):
+    """The sub-grid formulation equals the dilated conv (forward and every gradient, float64), keeps the
+    memory format, with bias, for any padding that is a multiple of the dilation."""
+    c = 4
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, c, h, w, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    wt = torch.randn(c, 1, kh, kw, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, wt, bias, 1, pad, dil, c)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, wt, bias), g)
+    for impl in ("native", "direct"):  # the sub-grid conv's own implementation
+        out = dw._space_to_batch_conv(x, wt, bias, pad, dil, impl)
+        assert out.shape == ref.shape and max_rel_err(out, ref) <= 1e-10
+        assert out.is_contiguous(memory_format=fmt)
+        got = torch.autograd.grad(out, (x, wt, bias), g)
+        assert all(max_rel_err(a, b) <= 1e-10 for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("profile", ["avx2", "avx512"], indirect=True)
+def test_space_to_batch_dispatch_and_locking(profile):
+    """Where the profile runs a dilated layer on sub-grids, ``resolve_impl`` names the sub-grid conv's
+    implementation and a training layer locks it; float32 results match ``native``. AVX-512 never rewrites."""
+    conv = DepthwiseConv2d(16, 7, dilation=2).train()
+    x = torch.randn(4, 16, 28, 28).contiguous(memory_format=torch.channels_last).requires_grad_()
+    applies = dw._space_to_batch_applies(x, conv.weight, conv.padding, conv.dilation)
+    assert applies == (profile.name == "avx2")
+    out = conv(x)
+    assert conv.locked_impl == dw.resolve_impl(x, conv.weight, conv.bias, conv.padding, conv.dilation)
+    ref = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, 16)
+    assert max_rel_err(out, ref) <= 1e-4 and out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (x, conv.weight), g)
+    want = torch.autograd.grad(ref, (x, conv.weight), g)
+    assert all(max_rel_err(a, b) <= 1e-4 for a, b in zip(got, want, strict=True))
+    # small maps and paddings that are not multiples of the dilation keep the other paths
+    assert not dw._space_to_batch_applies(torch.randn(1, 16, 4, 28), conv.weight, (6, 6), (2, 2))
+    assert not dw._space_to_batch_applies(x, conv.weight, (5, 6), (2, 2))
