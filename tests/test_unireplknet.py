@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -390,3 +391,51 @@ def test_grn_chunked_sum_of_squares_in_inference(monkeypatch):
         torch.testing.assert_close(grn(x.permute(0, 2, 3, 1)), want.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
     assert norm._chunked_sum_of_squares(x.contiguous()) is None  # channels innermost only
     assert norm._chunked_sum_of_squares(x.requires_grad_()) is None
+
+
+def test_deploy_feed_forward_in_sample_chunks_matches(monkeypatch) -> None:
+    """Deploy-form CPU inference runs the feed-forward a few samples at a time (fused residual add): the
+    logits equal the whole-batch path, and autograd / a non-deploy block keeps the plain path."""
+    from _utils import randomize_
+
+    import uniperception.layers.unireplknet_block as ub
+
+    m = UniRepLKNet(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), kernel_sizes=((3,), (13,), (7,), (3,)),
+                    num_classes=5).eval()
+    randomize_(m, seed=5)
+    x = torch.randn(5, 3, 61, 47)
+    with torch.no_grad():
+        train_form = m(x)
+        m.reparameterize()
+        monkeypatch.setattr(ub, "_FFN_CHUNK_BYTES", 1 << 40)
+        whole = m(x)
+        # 2 samples a chunk at the first stage (32 hidden channels, 16×12 map), chunks of 2, 2, 1
+        monkeypatch.setattr(ub, "_FFN_CHUNK_MIN_SAMPLE_BYTES", 32 * 16 * 12 * 4)
+        monkeypatch.setattr(ub, "_FFN_CHUNK_BYTES", 2 * 32 * 16 * 12 * 4)
+        block = m.stages[0][0]
+        probe = torch.randn(5, 8, 16, 12).contiguous(memory_format=torch.channels_last)
+        assert block._ffn_chunk(probe) == (2 if ub.onednn_fusion_available() else 0)
+        calls: list[int] = []
+        real = ub.conv1x1_add_
+        monkeypatch.setattr(ub, "conv1x1_add_", lambda out, *a: calls.append(out.shape[0]) or real(out, *a))
+        chunked = m(x)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked, train_form, atol=1e-4, rtol=1e-4)
+    if ub.onednn_fusion_available():
+        assert calls == [2, 2, 1]  # only the first stage's map is large enough
+    assert block._ffn_chunk(probe) == 0  # autograd on (outside no_grad): the whole batch
+
+
+def test_conv1x1_add_matches_eager() -> None:
+    """``out += conv1x1(x)`` fused (float32 CPU, channels-last) and eager (float64 / NCHW) agree."""
+    from uniperception.ops.fused import conv1x1_add_
+
+    for dtype, fmt in ((torch.float32, torch.channels_last), (torch.float64, torch.contiguous_format)):
+        x = torch.randn(3, 6, 5, 7, dtype=dtype).contiguous(memory_format=fmt)
+        w, b = torch.randn(4, 6, dtype=dtype), torch.randn(4, dtype=dtype)
+        acc = torch.randn(3, 4, 5, 7, dtype=dtype).contiguous(memory_format=fmt)
+        want = acc + F.conv2d(x, w[:, :, None, None], b)
+        with torch.no_grad():
+            got = conv1x1_add_(acc, x, w, b)
+        assert got.data_ptr() == acc.data_ptr()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

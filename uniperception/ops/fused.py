@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .depthwise import _is_tracing
 
-__all__ = ["linear_gelu_nchw", "onednn_fusion_available"]
+__all__ = ["conv1x1_add_", "linear_gelu_nchw", "onednn_fusion_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +57,43 @@ def linear_gelu_nchw(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none",
         )
     return F.gelu(F.conv2d(x, w, bias))
+
+
+@functools.cache
+def _onednn_add_fusion_available() -> bool:
+    """Whether oneDNN's in-place convolution + sum op (``mkldnn._convolution_pointwise_.binary``) works here."""
+    if not onednn_fusion_available():
+        return False
+    try:
+        x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(5, 3, 1, 1), torch.randn(5)
+        acc = torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+        want = acc + F.conv2d(x, w, b)
+        with torch.no_grad():
+            torch.ops.mkldnn._convolution_pointwise_(acc, x, w, b, [0, 0], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        ok = torch.allclose(acc, want, atol=1e-5, rtol=1e-5)
+    except (AttributeError, RuntimeError, TypeError) as e:
+        logger.debug("oneDNN fused convolution + add unavailable: %s", e)
+        return False
+    return bool(ok)
+
+
+def conv1x1_add_(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out += conv1x1(x, weight[:, :, None, None], bias)`` in place, for a Linear ``weight`` [out, in].
+
+    Inference on CPU (float32, channels-last ``out`` and ``x``) runs it as one oneDNN convolution with a sum
+    post-op, so the conv's result is never written on its own; elsewhere it is ``out.add_(F.conv2d(...))``.
+    """
+    w = weight[:, :, None, None]
+    fusable = (
+        x.device.type == "cpu" and x.dtype == torch.float32 == out.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or out.requires_grad))
+        and not _is_tracing()
+        and x.is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)
+        and _onednn_add_fusion_available()
+    )
+    if fusable:
+        return torch.ops.mkldnn._convolution_pointwise_(
+            out, x, w.contiguous(), bias, [0, 0], [1, 1], [1, 1], 1, "add", None, None, [], None
+        )
+    return out.add_(F.conv2d(x, w, bias))
