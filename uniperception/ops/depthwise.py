@@ -460,17 +460,25 @@ def choose_impl(
             _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
         return _AUTOTUNE_CACHE[key]
     kh, kw = weight.shape[-2:]
-    prof = cpu_profile()
+    return _cost_model_choice(tuple(x.shape), (kh, kw), padding, dilation, training, _is_channels_last(x),
+                              cpu_profile())
+
+
+@functools.lru_cache(maxsize=4096)
+def _cost_model_choice(
+    shape: tuple[int, ...], k_shape: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    training: bool, channels_last: bool, prof: CpuProfile,
+) -> str:
+    """The cost model's pick (cached: a model calls it with a handful of shapes, ~40 µs each uncached)."""
+    kh, kw = k_shape
     if not training and dilation == (1, 1):
-        nchw = (not _is_channels_last(x) and kh * kw <= prof.nchw_native_max_taps
-                and kw <= prof.nchw_native_max_width)
+        nchw = not channels_last and kh * kw <= prof.nchw_native_max_taps and kw <= prof.nchw_native_max_width
         if nchw and prof.nchw_native_first:
             return "native"
         if max(kh, kw) <= 7:
             return "channels_last"
         if nchw:
             return "native"
-    shape = tuple(x.shape)
     candidates = ["channels_last", "fft"]
     if training and prof.direct_training:
         candidates.insert(1, "direct")
