@@ -439,3 +439,19 @@ def test_conv1x1_add_matches_eager() -> None:
             got = conv1x1_add_(acc, x, w, b)
         assert got.data_ptr() == acc.data_ptr()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_feed_forward_chunking_applies_to_unireplknet_a_first_stage() -> None:
+    """The chunked deploy feed-forward is meant for UniRepLKNet-A's first stage at 224² (hidden 160×56²,
+    1.9 MiB per sample): pin that it applies there (2 samples a chunk) and not at the second stage."""
+    import uniperception.layers.unireplknet_block as ub
+
+    if not ub.onednn_fusion_available():
+        pytest.skip("oneDNN fused convolution unavailable")
+    first, second = UniRepLKNetBlock(40, 3, deploy=True).eval(), UniRepLKNetBlock(80, 13, deploy=True).eval()
+    cl = torch.channels_last
+    with torch.no_grad():
+        assert first._ffn_chunk(torch.empty(16, 40, 56, 56).contiguous(memory_format=cl)) == 2
+        assert first._ffn_chunk(torch.empty(2, 40, 56, 56).contiguous(memory_format=cl)) == 0  # one chunk
+        assert first._ffn_chunk(torch.empty(16, 40, 56, 56)) == 0  # NCHW input
+        assert second._ffn_chunk(torch.empty(16, 80, 28, 28).contiguous(memory_format=cl)) == 0
