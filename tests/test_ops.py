@@ -437,3 +437,20 @@ def test_space_to_batch_dispatch_and_locking(profile):
     # small maps and paddings that are not multiples of the dilation keep the other paths
     assert not dw._space_to_batch_applies(torch.randn(1, 16, 4, 28), conv.weight, (6, 6), (2, 2))
     assert not dw._space_to_batch_applies(x, conv.weight, (5, 6), (2, 2))
+
+
+def test_fft_grid_sizes_avoid_slow_lengths():
+    """FFT grids are 5-smooth, in [n, 2n], and avoid factors of 7 and odd lengths where an even one is cheaper
+    (measured 1.3-1.8× faster per element with oneMKL); the cost model keeps its fitted 7-smooth rule."""
+    from uniperception.ops.fft import fft_size, smooth7_size
+
+    for n in range(1, 130):
+        s = fft_size(n)
+        assert n <= s <= max(2 * n, 1)
+        m = s
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert m == 1, (n, s)
+    assert [fft_size(n) for n in (13, 14, 20, 27, 34, 35, 43, 62, 81)] == [16, 16, 20, 30, 36, 36, 48, 64, 90]
+    assert [smooth7_size(n) for n in (13, 34, 62)] == [14, 35, 63]

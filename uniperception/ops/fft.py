@@ -24,7 +24,36 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @functools.lru_cache(maxsize=1024)
 def fft_size(n: int) -> int:
-    """The smallest 2^a·3^b·5^c·7^d ≥ n (sizes pocketfft and cuFFT handle fastest)."""
+    """The FFT length to use for ``n`` samples: the cheapest 2^a·3^b·5^c in ``[n, 2n]``.
+
+    Measured on PyTorch's CPU FFT (oneMKL; rfft2 + irfft2 per element, 2-core AVX2 EPYC): lengths with a
+    factor 7 are 1.3-1.5× slower than the next 5-smooth one (35² 16.8 ms vs 36² 12.5 ms for 2560 planes), and odd
+    lengths ~1.8× slower per element than even ones (15: 8.3, 25: 7.0, 27: 5.6, 45: 5.0 ns against 2.5-3.8 for
+    16-96 even), so e.g. 13 → 16 (not 15), 27 → 30, 43 → 48, 81 → 90. Cost model: ``S²``, ×1.8 when ``S`` is odd.
+    """
+    if n <= 2:
+        return max(1, n)
+    best, best_cost = 0, float("inf")
+    p5 = 1
+    while p5 <= 2 * n:
+        p3 = p5
+        while p3 <= 2 * n:
+            p2 = p3
+            while p2 < n:
+                p2 *= 2
+            if p2 <= 2 * n:
+                cost = p2 * p2 * (1.8 if p2 % 2 else 1.0)
+                if cost < best_cost or (cost == best_cost and p2 < best):
+                    best, best_cost = p2, cost
+            p3 *= 3
+        p5 *= 5
+    return best
+
+
+@functools.lru_cache(maxsize=1024)
+def smooth7_size(n: int) -> int:
+    """The smallest 2^a·3^b·5^c·7^d ≥ n: the FFT grid rule the CPU cost profiles' FFT constants were fitted
+    on (kept for the cost model's estimates, so its choices stay the measured ones)."""
     best = 1 << max(0, (n - 1).bit_length())
     p7 = 1
     while p7 < best:
