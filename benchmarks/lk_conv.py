@@ -41,7 +41,7 @@ Run with glibc's malloc told to keep freed memory (the report says whether it wa
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \\
         .venv/bin/python benchmarks/lk_conv.py --time-budget 480 --wait-quiet 1800 --json out.json
 
-``--shapes 80@28 320@7``, ``--kernels 13 51x5``, ``--batch 32``, ``--passes fwd+bwd`` filter the grid;
+``--shapes 80@28 320@7``, ``--kernels 13 51x5 7d2`` (``dD``: dilation, "same" padding), ``--batch 32``, ``--passes fwd+bwd`` filter the grid;
 ``--quick`` is a smoke run (small grid, 2 rounds). Markdown goes to stdout, progress to stderr. Nothing is
 asserted about wall times.
 """
@@ -49,6 +49,7 @@ asserted about wall times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -63,7 +64,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from uniperception.ops import crop_kernel_to_reach, depthwise_conv2d, estimate_cost_ms, resolve_impl
+from uniperception.ops import (
+    cpu_profile,
+    crop_kernel_to_reach,
+    depthwise_conv2d,
+    estimate_cost_ms,
+    resolve_impl,
+    set_cpu_profile,
+)
 
 try:
     from _common import (
@@ -111,10 +119,11 @@ class Config:
     kw: int
     batch: int
     pass_: str
+    dilation: int = 1
 
     @property
     def padding(self) -> tuple[int, int]:
-        return (self.kh // 2, self.kw // 2)
+        return (self.dilation * (self.kh // 2), self.dilation * (self.kw // 2))
 
     @property
     def training(self) -> bool:
@@ -126,11 +135,12 @@ class Config:
 
     @property
     def kernel_label(self) -> str:
-        return f"{self.kh}×{self.kw}"
+        return f"{self.kh}×{self.kw}" + (f" d{self.dilation}" if self.dilation > 1 else "")
 
     @property
     def kernel_key(self) -> str:
-        return str(self.kh) if self.kh == self.kw else f"{self.kh}x{self.kw}"
+        key = str(self.kh) if self.kh == self.kw else f"{self.kh}x{self.kw}"
+        return key + (f"d{self.dilation}" if self.dilation > 1 else "")
 
 
 @dataclass
@@ -167,15 +177,17 @@ def parse_shape(s: str) -> tuple[int, int, int]:
         raise SystemExit(f"bad shape {s!r}; expected C@H or C@HxW, e.g. 40@56") from e
 
 
-def parse_kernel(s: str) -> tuple[int, int]:
+def parse_kernel(s: str) -> tuple[int, int, int]:
+    """``K``, ``KHxKW``, optionally with a dilation suffix ``dD`` (``7d2``, ``3x3d5``) → ``(kh, kw, dilation)``."""
     try:
-        kh, kw = s.split("x") if "x" in s else (s, s)
-        kh, kw = int(kh), int(kw)
+        spec, _, dil = s.partition("d")
+        kh, kw = spec.split("x") if "x" in spec else (spec, spec)
+        kh, kw, d = int(kh), int(kw), int(dil or 1)
     except ValueError as e:
-        raise SystemExit(f"bad kernel {s!r}; expected K or KHxKW, e.g. 13 or 51x5") from e
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise SystemExit(f"kernel {s!r}: 'same' padding needs odd sizes")
-    return kh, kw
+        raise SystemExit(f"bad kernel {s!r}; expected K, KHxKW or KdD, e.g. 13, 51x5 or 7d2") from e
+    if kh % 2 == 0 or kw % 2 == 0 or d < 1:
+        raise SystemExit(f"kernel {s!r}: 'same' padding needs odd sizes (and dilation >= 1)")
+    return kh, kw, d
 
 
 def build_grid(shapes: list[str], kernels: list[str], batches: list[int], passes: list[str]) -> list[Config]:
@@ -185,8 +197,8 @@ def build_grid(shapes: list[str], kernels: list[str], batches: list[int], passes
             for s in shapes:
                 c, h, w = parse_shape(s)
                 for k in kernels:
-                    kh, kw = parse_kernel(k)
-                    grid.append(Config(c, h, w, kh, kw, b, pass_))
+                    kh, kw, d = parse_kernel(k)
+                    grid.append(Config(c, h, w, kh, kw, b, pass_, d))
     return grid
 
 
@@ -194,9 +206,9 @@ def build_grid(shapes: list[str], kernels: list[str], batches: list[int], passes
 def _conv_fn(impl: str, cfg: Config) -> Callable[[Tensor, Tensor], Tensor]:
     pad = cfg.padding
     if impl == "native":
-        return lambda x, w: F.conv2d(x, w, None, 1, pad, 1, cfg.c)
+        return lambda x, w: F.conv2d(x, w, None, 1, pad, cfg.dilation, cfg.c)
     real = "native" if impl == "native_crop" else impl
-    return lambda x, w: depthwise_conv2d(x, w, None, 1, pad, 1, impl=real)
+    return lambda x, w: depthwise_conv2d(x, w, None, 1, pad, cfg.dilation, impl=real)
 
 
 def make_call(impl: str, cfg: Config, x: Tensor, w: Tensor, gy: Tensor) -> Callable[[], Any]:
@@ -246,9 +258,9 @@ def tensors(cfg: Config, channels_last: bool, seed: int) -> tuple[Tensor, Tensor
 def auto_choice(cfg: Config, x: Tensor, w: Tensor) -> str:
     if not cfg.training:
         with torch.inference_mode():
-            return resolve_impl(x, w, None, cfg.padding, (1, 1))
+            return resolve_impl(x, w, None, cfg.padding, (cfg.dilation,) * 2)
     return resolve_impl(x.detach().requires_grad_(True), w.detach().requires_grad_(True), None,
-                        cfg.padding, (1, 1))
+                        cfg.padding, (cfg.dilation,) * 2)
 
 
 def impls_for(cfg: Config, all_impls: bool) -> list[str]:
@@ -433,11 +445,12 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
     for r in results:
         c = r.config
         w = torch.empty(c.c, 1, c.kh, c.kw)
-        wc, pc = crop_kernel_to_reach(w, (c.h, c.w), c.padding, (1, 1))
+        wc, pc = crop_kernel_to_reach(w, (c.h, c.w), c.padding, (c.dilation,) * 2)
         kc = tuple(wc.shape[-2:])
         shape = (c.batch, c.c, c.h, c.w)
         timed = calibration_impls(c)
-        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training) for i in ("channels_last", "direct", "fft")}
+        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training, (c.dilation,) * 2)
+               for i in ("channels_last", "direct", "fft")}
         meas = {i: r.ms(i) for i in timed}
         best = min(meas, key=meas.__getitem__)
         pick = r.auto_impl
@@ -454,7 +467,8 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--shapes", nargs="+", default=None, help=f"C@H[xW] (default {' '.join(DEFAULT_SHAPES)})")
-    p.add_argument("--kernels", nargs="+", default=None, help=f"K or KHxKW (default {' '.join(DEFAULT_KERNELS)})")
+    p.add_argument("--kernels", nargs="+", default=None,
+                   help=f"K, KHxKW or with a dilation KdD / KHxKWdD (default {' '.join(DEFAULT_KERNELS)})")
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 32)")
     p.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     p.add_argument("--all-impls", action="store_true", help="also time channels_last, fft, blocked, native_crop")
@@ -482,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write results (raw timings) to this JSON file")
+    p.add_argument("--no-space-to-batch", action="store_true",
+                   help="run wide dilated kernels as dense zero-filled ones, not on sub-grids (the engine before it)")
     p.add_argument("--quick", action="store_true", help="smoke run (80@28 and 320@7, kernels 13 and 51, 2 rounds)")
     args = p.parse_args(argv)
 
@@ -494,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         args.min_repeats = min(args.min_repeats, 2)
 
     torch.set_num_threads(args.threads)
+    if args.no_space_to_batch:
+        prof = cpu_profile()
+        set_cpu_profile(dataclasses.replace(prof, name=f"{prof.name}-no-space-to-batch", space_to_batch_min_side=0))
     warn_malloc_env()
     grid = build_grid(shapes, kernels, batches, args.passes)
     if args.calibrate:
@@ -530,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                     "batch": r.config.batch,
                     "shape": [r.config.c, r.config.h, r.config.w],
                     "kernel": [r.config.kh, r.config.kw],
+                    "dilation": r.config.dilation,
                     "padding": list(r.config.padding),
                     "auto_impl": r.auto_impl,
                     "ms": {i: r.ms(i) for i in r.impls},

@@ -360,7 +360,7 @@ def test_dilated_small_kernels_stay_direct_in_training(profile):
 @pytest.mark.parametrize("impl", ["auto", "channels_last", "direct", "fft"])
 def test_wide_dilated_kernels_are_rewritten_on_avx2(profile, impl, monkeypatch):
     """On AVX2 a dilated kernel wider than 9 taps runs undilated on the map's sub-grids (space-to-batch) when
-    they are at least 3 pixels wide, else as its dense equivalent; narrower ones keep their dilation;
+    they are at least 3 pixels wide on a map at least 14 wide, else as its dense equivalent; narrower ones keep their dilation;
     ``native`` is never rewritten. Outputs and gradients are the plain dilated conv's."""
     seen = []
     real = F.conv2d
@@ -368,10 +368,11 @@ def test_wide_dilated_kernels_are_rewritten_on_avx2(profile, impl, monkeypatch):
         (tuple(x.shape), tuple(w.shape[-2:]), dw._pair(d))) or real(x, w, b, s, p, d, g))
     # (map, k, dilation, expected first conv: input shape, kernel, dilation)
     for (h, wd), k, d, first in (
-        ((15, 13), 7, 2, ((8, 6, 8, 7), (7, 7), (1, 1))),  # 2×2 sub-grids of 8×7 (zero-padded to 16×14)
-        ((15, 13), 3, 5, ((50, 6, 3, 3), (3, 3), (1, 1))),  # 5×5 sub-grids of 3×3
-        ((9, 13), 3, 5, ((2, 6, 9, 13), (11, 11), (1, 1))),  # sub-grids 2 high: too small, dense 11×11
-        ((15, 13), 3, 4, ((2, 6, 15, 13), (3, 3), (4, 4))),  # extent 9: oneDNN's dilated kernel is fine
+        ((15, 14), 7, 2, ((8, 6, 8, 7), (7, 7), (1, 1))),  # 2×2 sub-grids of 8×7 (zero-padded to 16×14)
+        ((15, 14), 3, 5, ((50, 6, 3, 3), (3, 3), (1, 1))),  # 5×5 sub-grids of 3×3
+        ((9, 14), 3, 5, ((2, 6, 9, 14), (11, 11), (1, 1))),  # sub-grids 2 high: too small, dense 11×11
+        ((15, 13), 7, 2, ((2, 6, 15, 13), (13, 13), (1, 1))),  # a map under 14 wide: dense 13×13
+        ((15, 14), 3, 4, ((2, 6, 15, 14), (3, 3), (4, 4))),  # extent 9: oneDNN's dilated kernel is fine
     ):
         x = torch.randn(2, 6, h, wd, dtype=torch.float64, requires_grad=True)
         w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)

@@ -315,6 +315,8 @@ class CpuProfile:
     #: dilation² interleaved sub-grids of the map (space-to-batch, :func:`_space_to_batch_conv`) when every
     #: sub-grid side is at least this long (0: never); on smaller maps the copies cost more than they save
     space_to_batch_min_side: int = 0
+    #: ...and the map itself is at least this wide along every dilated axis
+    space_to_batch_min_map: int = 0
     #: training cost of PyTorch's channels_last backward for a dilated kernel, × the undilated estimate
     dilated_channels_last_training_factor: float = 1.0
 
@@ -347,7 +349,8 @@ PROFILES: dict[str, CpuProfile] = {
         # ...and better still as sub-grid convs (7×7 dilation 2 at 80@28², training: 89 ms densified, 46 ms as
         # four 7×7 convs on 14² sub-grids; 3×3 dilation 5: 56 vs 21 ms); at 320@7² 3×3 dilation 5 (2×2
         # sub-grids) it is 9 vs 77 ms, hence the minimum side (3: 160@14² 3×3 dilation 5, 18 vs 8 ms)
-        space_to_batch_min_side=3,
+        # and at 320@7² 7×7 dilation 2 (4×4 sub-grids) it is 11.4 vs 15.4 ms, hence the minimum map
+        space_to_batch_min_side=3, space_to_batch_min_map=14,
     ),
 }
 _PROFILE: dict[str, CpuProfile | None] = {"forced": None}
@@ -650,7 +653,8 @@ def _space_to_batch_applies(x: Tensor, weight: Tensor, padding: tuple[int, int],
     h, w = x.shape[-2:]
     if h + 2 * ph - dh * (kh - 1) < 1 or w + 2 * pw - dw * (kw - 1) < 1:
         return False
-    return all(-(-n // d) >= prof.space_to_batch_min_side for n, d in ((h, dh), (w, dw)) if d > 1)
+    return all(-(-n // d) >= prof.space_to_batch_min_side and n >= prof.space_to_batch_min_map
+               for n, d in ((h, dh), (w, dw)) if d > 1)
 
 
 def _space_to_batch_conv(
