@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -455,3 +456,50 @@ def test_feed_forward_chunking_applies_to_unireplknet_a_first_stage() -> None:
         assert first._ffn_chunk(torch.empty(2, 40, 56, 56).contiguous(memory_format=cl)) == 0  # one chunk
         assert first._ffn_chunk(torch.empty(16, 40, 56, 56)) == 0  # NCHW input
         assert second._ffn_chunk(torch.empty(16, 80, 28, 28).contiguous(memory_format=cl)) == 0
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_scaled_equals_bn_then_layer_scale(momentum, training) -> None:
+    """The layer scale folded into the BatchNorm's affine parameters: same output, same gradients for the
+    input, BN weight/bias and the scale, same running statistics and counter, in both modes."""
+    from uniperception.layers.norm import batch_norm_scaled
+
+    g = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm2d(6, momentum=momentum).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_mean.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    ref = copy.deepcopy(bn)
+    bn.train(training), ref.train(training)
+    scale = nn.Parameter(torch.randn(6, generator=g, dtype=torch.float64))
+    x = (torch.randn(3, 6, 5, 7, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(3, 6, 5, 7, generator=g, dtype=torch.float64)
+    for _ in range(2):  # twice: the cumulative-average momentum depends on the counter
+        out = batch_norm_scaled(bn, x, scale)
+        want = ref(x) * scale.view(1, -1, 1, 1)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out, (x, bn.weight, bn.bias, scale), gy)
+    wants = torch.autograd.grad(want, (x, ref.weight, ref.bias, scale), gy)
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bn, name), getattr(ref, name), rtol=1e-12, atol=0)
+    assert int(bn.num_batches_tracked) == (2 if training else 0)
+
+
+def test_batch_norm_scaled_keeps_module_semantics_where_it_cannot_fold() -> None:
+    """A hooked BatchNorm or a SyncBatchNorm runs as a module call (its hooks fire), then the scale."""
+    from uniperception.layers.norm import batch_norm_scaled
+
+    bn = nn.BatchNorm2d(4).eval()
+    seen = []
+    bn.register_forward_hook(lambda m, i, o: seen.append(o))
+    x, s = torch.randn(2, 4, 3, 3), torch.rand(4) + 0.5
+    out = batch_norm_scaled(bn, x, s)
+    assert len(seen) == 1
+    torch.testing.assert_close(out, seen[0] * s.view(1, -1, 1, 1))
+    assert batch_norm_scaled(bn, x, None) is not None and len(seen) == 2

@@ -15,7 +15,38 @@ from torch import Tensor, nn
 
 from ..ops.depthwise import _is_tracing
 
-__all__ = ["GRN", "LayerNorm2d"]
+__all__ = ["GRN", "LayerNorm2d", "batch_norm_scaled"]
+
+
+def batch_norm_scaled(bn: nn.Module, x: Tensor, scale: Tensor | None) -> Tensor:
+    """``bn(x) * scale`` (``scale``: per-channel ``[C]``, or ``None`` for plain ``bn(x)``) as one BatchNorm.
+
+    ``(x̂·w + b)·s = x̂·(w·s) + b·s``: the layer scale rides on the BatchNorm's affine parameters, so the product
+    is not a separate pass over the activations in the forward, nor a product and a full-size reduction in the
+    backward (autograd reaches ``w``, ``b`` and ``s`` through the two ``[C]`` products). Same batch statistics,
+    running-stat update and ``num_batches_tracked`` as ``bn.forward``. Applies to a plain affine
+    ``nn.BatchNorm2d`` without hooks; anything else (``SyncBatchNorm``, subclasses, hooked modules) runs
+    ``bn(x) * scale`` as written.
+    """
+    if scale is None:
+        return bn(x)
+    if (
+        type(bn) is not nn.BatchNorm2d or not bn.affine or x.dim() != 4
+        or bn._forward_hooks or bn._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    ):
+        return bn(x) * scale.view(1, -1, 1, 1)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        x, bn.running_mean if track else None, bn.running_var if track else None,
+        bn.weight * scale, bn.bias * scale, use_batch_stats, momentum, bn.eps,
+    )
 
 
 class LayerNorm2d(nn.LayerNorm):

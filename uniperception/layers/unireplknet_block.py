@@ -23,7 +23,7 @@ from .dilated_reparam import (
     replace_conv_with_bias,
 )
 from .drop import DropPath
-from .norm import GRN, _spatial_sum
+from .norm import GRN, _spatial_sum, batch_norm_scaled
 from .reparam import compute_dtype, fuse_bn
 
 __all__ = ["SUPPORTED_KERNEL_SIZES", "Permute", "SEBlock", "UniRepLKNetBlock"]
@@ -153,8 +153,8 @@ class UniRepLKNetBlock(nn.Module):
         lin2: nn.Linear = self.pwconv2[0]
         y = F.conv2d(y, lin2.weight[:, :, None, None], lin2.bias)
         if len(self.pwconv2) == 3:
-            y = self.pwconv2[2](y)
-        if self.gamma is not None:
+            y = batch_norm_scaled(self.pwconv2[2], y, self.gamma)  # BN then layer scale, as one BN
+        elif self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return self.drop_path(y)
 
