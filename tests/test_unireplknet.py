@@ -312,8 +312,19 @@ def test_grn_gradient_is_finite_on_an_all_zero_channel(channels_first: bool) -> 
 
 @pytest.mark.parametrize("layout", ["nhwc", "nchw", "channels_last"])
 @pytest.mark.parametrize("with_beta", [True, False])
-def test_grn_handwritten_backward_matches_autograd_of_the_official_formula(layout: str, with_beta: bool) -> None:
-    """Training GRN's own backward: input, gamma and beta gradients equal autograd's of the official maths."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_grn_handwritten_backward_matches_autograd_of_the_official_formula(
+    layout: str, with_beta: bool, chunked: bool, monkeypatch
+) -> None:
+    """Training GRN's own backward: input, gamma and beta gradients equal autograd's of the official maths,
+    also where the forward sums its squares a sample at a time (channels-innermost layouts)."""
+    import uniperception.layers.norm as norm
+
+    calls = []
+    real = norm._chunked_sum_of_products
+    monkeypatch.setattr(norm, "_chunked_sum_of_products", lambda a, b: calls.append(real(a, b)) or calls[-1])
+    if chunked:
+        monkeypatch.setattr(norm, "_SQUARES_CHUNK_BYTES", 5 * 7 * 6 * 8)  # one float64 sample per chunk
     g = torch.Generator().manual_seed(1)
     grn = GRN(6, use_bias=with_beta).double()
     with torch.no_grad():
@@ -343,6 +354,8 @@ def test_grn_handwritten_backward_matches_autograd_of_the_official_formula(layou
     torch.testing.assert_close(got_x, ref_params[0])
     for a, b in zip(got[1:], ref_params[1:], strict=True):
         torch.testing.assert_close(a, b)
+    ran_chunked = any(c is not None for c in calls)
+    assert ran_chunked == (chunked and layout != "nchw")  # channels-innermost layouts only
 
 
 def test_inplace_inference_matches_and_can_be_turned_off_for_hooks() -> None:
@@ -484,7 +497,7 @@ def test_batch_norm_scaled_equals_bn_then_layer_scale(momentum, training) -> Non
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(out, (x, bn.weight, bn.bias, scale), gy)
     wants = torch.autograd.grad(want, (x, ref.weight, ref.bias, scale), gy)
-    for a, b in zip(grads, wants):
+    for a, b in zip(grads, wants, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(bn, name), getattr(ref, name), rtol=1e-12, atol=0)

@@ -91,23 +91,28 @@ def _chunked_sum_of_squares(t: Tensor) -> Tensor | None:
     """
     if t.dim() != 4 or (torch.is_grad_enabled() and t.requires_grad):
         return None
-    if _is_tracing():
+    return _chunked_sum_of_products(t, t)
+
+
+def _chunked_sum_of_products(a: Tensor, b: Tensor) -> Tensor | None:
+    """``(a·b).sum((2, 3))`` as ``[B, C]``, chunked as :func:`_chunked_sum_of_squares` (no autograd through it:
+    for inference and the hand-written GRN backward). ``None`` where it does not apply."""
+    if a.dim() != 4 or a.shape != b.shape or _is_tracing():
         return None
-    b, c, h, w = t.shape
-    nhwc = t.permute(0, 2, 3, 1)
-    chunk = max(1, _SQUARES_CHUNK_BYTES // max(1, h * w * c * t.element_size()))
-    if not nhwc.is_contiguous() or chunk > _SQUARES_MAX_CHUNK or chunk >= b:
+    bs, c, h, w = a.shape
+    na, nb = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
+    chunk = max(1, _SQUARES_CHUNK_BYTES // max(1, h * w * c * a.element_size()))
+    if not (na.is_contiguous() and nb.is_contiguous()) or chunk > _SQUARES_MAX_CHUNK or chunk >= bs:
         return None
-    buf = t.new_empty(chunk, h * w, c)
-    ones = t.new_ones(chunk, 1, h * w)
-    out = t.new_empty(b, 1, c)
-    flat = nhwc.reshape(b, h * w, c)
-    for i in range(0, b, chunk):
-        xs = flat[i : i + chunk]
-        n = xs.shape[0]
-        torch.mul(xs, xs, out=buf[:n])
+    buf = a.new_empty(chunk, h * w, c)
+    ones = a.new_ones(chunk, 1, h * w)
+    out = a.new_empty(bs, 1, c)
+    fa, fb = na.reshape(bs, h * w, c), nb.reshape(bs, h * w, c)
+    for i in range(0, bs, chunk):
+        n = min(chunk, bs - i)
+        torch.mul(fa[i : i + n], fb[i : i + n], out=buf[:n])
         torch.matmul(ones[:n], buf[:n], out=out[i : i + n])
-    return out.view(b, c)
+    return out.view(bs, c)
 
 
 def _spatial_sum(t: Tensor) -> Tensor:
@@ -136,14 +141,19 @@ class _GRNTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
         b, c = x.shape[:2]
-        buf = x * x  # reused for the output: one full-size allocation instead of two
-        ss = _spatial_sum(buf)
+        ss = _chunked_sum_of_products(x, x)  # squares summed in cache, no full-size temporary
+        buf = None
+        if ss is None:
+            buf = x * x  # reused for the output: one full-size allocation instead of two
+            ss = _spatial_sum(buf)
         tiny = torch.finfo(ss.dtype).tiny
         gx = ss.clamp_min(tiny).sqrt()
         m = gx.mean(1, keepdim=True) + eps
         nx = gx / m
         g = gamma.reshape(1, c)
         scale = (1 + g * nx).view(b, c, 1, 1)
+        if buf is None:
+            buf = torch.empty_like(x)
         out = torch.mul(x, scale, out=buf) if beta is None else torch.addcmul(beta.reshape(1, c, 1, 1), x, scale, out=buf)
         ctx.save_for_backward(x, gamma, gx, m, nx, scale, ss > tiny)
         ctx.beta_shape = None if beta is None else beta.shape
