@@ -261,6 +261,12 @@ def test_fft_keeps_the_channels_last_layout():
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert max_rel_err(y, F.conv2d(x, w, None, 1, 6, 1, 8)) <= 1e-4
     assert not depthwise_conv2d(x.contiguous(), w, padding=6, impl="fft").is_contiguous(memory_format=torch.channels_last)
+    # ...and its input gradient on channels-last too (autograd adds it to the other branches' gradients)
+    xg = x.clone().requires_grad_()
+    gy = torch.randn(2, 8, 12, 12)
+    (gx,) = torch.autograd.grad(depthwise_conv2d(xg, w, padding=6, impl="fft"), xg, gy)
+    (ref,) = torch.autograd.grad(F.conv2d(xg, w, None, 1, 6, 1, 8), xg, gy)
+    assert gx.is_contiguous(memory_format=torch.channels_last) and max_rel_err(gx, ref) <= 1e-4
 
 
 def test_forcing_implementations(monkeypatch):

@@ -183,11 +183,29 @@ def _blocked(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], d
     return y.to_dense()
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on channels-last.
+
+    The FFT path's input gradient comes out of ``irfft2`` NCHW-contiguous; autograd would then add it to the
+    other (channels-last) gradients of the same input on PyTorch's strided mixed-layout loops."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 def _fft(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    channels_last = _is_channels_last(x)
+    if channels_last and x.requires_grad and torch.is_grad_enabled():
+        x = _ChannelsLastGrad.apply(x)
     y = fft_depthwise_conv2d(x, w, b, padding, dilation)
     # keep the caller's layout: a channels-last model handed an NCHW tensor would run every later op of
     # the block (norms, 1×1 convs, residual add) on the slower NCHW paths or convert back and forth
-    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def _is_channels_last(x: Tensor) -> bool:
