@@ -139,7 +139,13 @@ DDP_SCRIPT = textwrap.dedent(
     gathered = [torch.zeros_like(w) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, w)
     assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
-    print("rank", dist.get_rank(), "steps", t.step, "ok")
+    print("rank", dist.get_rank(), "steps", t.step, "ok", flush=True)
+    # tear down in step: drop the DDP wrapper (its reducer holds the process group) and let both ranks
+    # arrive before either destroys the group, so neither exits while the other's gloo threads still talk
+    del t, hist
+    import gc
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
