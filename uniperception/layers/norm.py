@@ -89,7 +89,7 @@ def _chunked_sum_of_squares(t: Tensor) -> Tensor | None:
     32×160×56², 3.2 → 1.5 ms for 32×320×28² (2-core AVX2 EPYC). ``None`` where it does not apply: autograd,
     tracing/export (the loop would fix the batch size), other layouts, maps too small to gain.
     """
-    if t.dim() != 4 or (torch.is_grad_enabled() and t.requires_grad):
+    if t.dim() != 4 or (torch.is_grad_enabled() and t.requires_grad) or _is_tracing():
         return None
     return _chunked_sum_of_products(t, t)
 
@@ -97,7 +97,7 @@ def _chunked_sum_of_squares(t: Tensor) -> Tensor | None:
 def _chunked_sum_of_products(a: Tensor, b: Tensor) -> Tensor | None:
     """``(a·b).sum((2, 3))`` as ``[B, C]``, chunked as :func:`_chunked_sum_of_squares` (no autograd through it:
     for inference and the hand-written GRN backward). ``None`` where it does not apply."""
-    if a.dim() != 4 or a.shape != b.shape or _is_tracing():
+    if _is_tracing() or a.dim() != 4 or a.shape != b.shape:  # tracing first: touch no tensor attribute then
         return None
     bs, c, h, w = a.shape
     na, nb = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
