@@ -126,6 +126,10 @@ class Config:
         return (self.dilation * (self.kh // 2), self.dilation * (self.kw // 2))
 
     @property
+    def dilations(self) -> tuple[int, int]:
+        return (self.dilation, self.dilation)
+
+    @property
     def training(self) -> bool:
         return self.pass_ == "fwd+bwd"
 
@@ -258,9 +262,9 @@ def tensors(cfg: Config, channels_last: bool, seed: int) -> tuple[Tensor, Tensor
 def auto_choice(cfg: Config, x: Tensor, w: Tensor) -> str:
     if not cfg.training:
         with torch.inference_mode():
-            return resolve_impl(x, w, None, cfg.padding, (cfg.dilation,) * 2)
+            return resolve_impl(x, w, None, cfg.padding, cfg.dilations)
     return resolve_impl(x.detach().requires_grad_(True), w.detach().requires_grad_(True), None,
-                        cfg.padding, (cfg.dilation,) * 2)
+                        cfg.padding, cfg.dilations)
 
 
 def impls_for(cfg: Config, all_impls: bool) -> list[str]:
@@ -448,11 +452,11 @@ def calibrate_markdown(results: list[Result], meta: dict[str, Any]) -> str:
     for r in results:
         c = r.config
         w = torch.empty(c.c, 1, c.kh, c.kw)
-        wc, pc = crop_kernel_to_reach(w, (c.h, c.w), c.padding, (c.dilation,) * 2)
+        wc, pc = crop_kernel_to_reach(w, (c.h, c.w), c.padding, c.dilations)
         kc = tuple(wc.shape[-2:])
         shape = (c.batch, c.c, c.h, c.w)
         timed = calibration_impls(c)
-        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training, (c.dilation,) * 2)
+        est = {i: estimate_cost_ms(i, shape, kc, pc, c.training, c.dilations)
                for i in ("channels_last", "direct", "fft")}
         meas = {i: r.ms(i) for i in timed}
         best = min(meas, key=meas.__getitem__)
