@@ -13,7 +13,9 @@ a fixed random output gradient, producing the input and weight gradients) — it
 * with ``--all-impls`` also ``channels_last``, ``fft``, ``blocked`` (inference only) and ``native_crop``
   (``depthwise_conv2d(impl="native")``: PyTorch's conv after the engine's kernel cropping).
 
-Both get the same NCHW-contiguous float32 input (``--channels-last-input`` gives both a channels-last one),
+The kernel is an ``nn.Parameter``, as in every layer: in inference the FFT implementation keeps a
+parameter's spectrum between calls (:func:`uniperception.ops.set_fft_kernel_cache`; ``--no-kernel-cache``
+measures without). Both get the same NCHW-contiguous float32 input (``--channels-last-input`` gives both a channels-last one),
 so layout conversions an implementation needs are part of its time. Each configuration is warmed up, then
 timed in interleaved rounds (every implementation once per round, starting one rotating); times are medians
 over the rounds and the speed-up is the median of per-round ratios native/auto. Calls whose warm run takes
@@ -62,7 +64,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from uniperception.ops import (
     cpu_profile,
@@ -71,6 +73,7 @@ from uniperception.ops import (
     estimate_cost_ms,
     resolve_impl,
     set_cpu_profile,
+    set_fft_kernel_cache,
 )
 
 try:
@@ -251,7 +254,8 @@ def _rel_err(out: Any, ref: Any) -> float:
 def tensors(cfg: Config, channels_last: bool, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(cfg.batch, cfg.c, cfg.h, cfg.w, generator=gen)
-    w = torch.randn(cfg.c, 1, cfg.kh, cfg.kw, generator=gen) / math.sqrt(cfg.kh * cfg.kw)
+    # the kernel is a parameter, as in every layer (in inference the engine keeps a parameter's FFT spectrum)
+    w = nn.Parameter(torch.randn(cfg.c, 1, cfg.kh, cfg.kw, generator=gen) / math.sqrt(cfg.kh * cfg.kw))
     gy = torch.randn(cfg.batch, cfg.c, cfg.h, cfg.w, generator=gen)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -505,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="also write results (raw timings) to this JSON file")
     p.add_argument("--no-space-to-batch", action="store_true",
                    help="run wide dilated kernels as dense zero-filled ones, not on sub-grids (the engine before it)")
+    p.add_argument("--no-kernel-cache", action="store_true",
+                   help="do not keep kernel spectra between inference calls (ops.set_fft_kernel_cache(False))")
     p.add_argument("--quick", action="store_true", help="smoke run (80@28 and 320@7, kernels 13 and 51, 2 rounds)")
     args = p.parse_args(argv)
 
@@ -520,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_space_to_batch:
         prof = cpu_profile()
         set_cpu_profile(dataclasses.replace(prof, name=f"{prof.name}-no-space-to-batch", space_to_batch_min_side=0))
+    if args.no_kernel_cache:
+        set_fft_kernel_cache(False)
     warn_malloc_env()
     grid = build_grid(shapes, kernels, batches, args.passes)
     if args.calibrate:

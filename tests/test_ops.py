@@ -129,6 +129,88 @@ def test_fft_chunks_large_batches(monkeypatch):
     assert max_rel_err(gx, gr) <= 1e-4
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fft_inference_path_chunks_layout_and_bias(monkeypatch, channels_last, bias):
+    # inference writes each chunk's window straight into the output, in the input's layout
+    monkeypatch.setattr("uniperception.ops.fft._CHUNK_ELEMENTS", 3000)
+    x = torch.randn(5, 4, 13, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 1, 11, 9), (torch.randn(4) if bias else None)
+    with torch.inference_mode():
+        out = depthwise_conv2d(x, w, b, padding=(5, 4), impl="fft")
+    assert max_rel_err(out, F.conv2d(x, w, b, 1, (5, 4), 1, 4)) <= 1e-4
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.fixture
+def fft_cache():
+    from uniperception.ops import fft
+
+    fft.set_fft_kernel_cache(True)
+    fft.clear_fft_kernel_cache()
+    yield fft
+    fft.clear_fft_kernel_cache()
+
+
+def _fft_eval(conv, x):
+    with torch.inference_mode():
+        return conv(x)
+
+
+def test_fft_kernel_spectrum_kept_and_invalidated(fft_cache):
+    conv = DepthwiseConv2d(6, 31, padding=15, bias=True, impl="fft").eval()
+    x = torch.randn(2, 6, 20, 23)
+    def ref(c: DepthwiseConv2d = conv) -> torch.Tensor:
+        return F.conv2d(x, c.weight.detach(), c.bias.detach(), 1, 15, 1, 6)
+    assert max_rel_err(_fft_eval(conv, x), ref()) <= 1e-4
+    assert len(fft_cache._KERNEL_CACHE) == 1
+    (entries,) = [slot[1] for slot in fft_cache._KERNEL_CACHE.values()]
+    (spec,) = [e[1] for e in entries.values()]
+    _fft_eval(conv, x)
+    assert next(e[1] for e in entries.values()) is spec  # same parameter, same grid: reused
+    # every way of changing the weights invalidates it: in place (version counter), through .data (no
+    # version bump: the fingerprint), a new tensor behind the parameter, load_state_dict
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    assert max_rel_err(_fft_eval(conv, x), ref()) <= 1e-4
+    conv.weight.data[0, 0, 15, 15] += 1.0
+    assert max_rel_err(_fft_eval(conv, x), ref()) <= 1e-4
+    conv.weight.data = torch.randn_like(conv.weight)
+    assert max_rel_err(_fft_eval(conv, x), ref()) <= 1e-4
+    conv.load_state_dict({"weight": torch.randn(6, 1, 31, 31), "bias": torch.randn(6)})
+    assert max_rel_err(_fft_eval(conv, x), ref()) <= 1e-4
+    # another input size is another grid: a second entry for the same parameter
+    x2 = torch.randn(1, 6, 40, 41)
+    assert max_rel_err(_fft_eval(conv, x2), F.conv2d(x2, conv.weight.detach(), conv.bias.detach(), 1, 15, 1, 6)) <= 1e-4
+    assert len(entries) == 2
+    # entries die with their parameter
+    ref = None  # its default argument holds the module too
+    del conv, entries, spec
+    import gc
+
+    gc.collect()
+    assert len(fft_cache._KERNEL_CACHE) == 0
+
+
+def test_fft_kernel_cache_not_used_in_training_or_when_off(fft_cache):
+    conv = DepthwiseConv2d(3, 21, padding=10, impl="fft")
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    conv(x).sum().backward()  # training: the spectrum is part of the graph, never kept
+    assert conv.weight.grad is not None and len(fft_cache._KERNEL_CACHE) == 0
+    fft_cache.set_fft_kernel_cache(False)
+    try:
+        _fft_eval(conv.eval(), x.detach())
+        assert len(fft_cache._KERNEL_CACHE) == 0
+    finally:
+        fft_cache.set_fft_kernel_cache(True)
+    # plain tensors (not parameters) are never kept: their storage may be reused by another kernel
+    with torch.inference_mode():
+        depthwise_conv2d(x.detach(), torch.randn(3, 1, 21, 21), padding=10, impl="fft")
+    assert len(fft_cache._KERNEL_CACHE) == 0
+
+
 @pytest.fixture
 def profile(request):
     """Pin the cost model's CPU profile (the dispatch's choices are per instruction set)."""
@@ -157,11 +239,15 @@ def test_auto_choices_avx512(profile):
 @pytest.mark.parametrize("profile", ["avx2"], indirect=True)
 def test_auto_choices_avx2(profile):
     """AVX2: NCHW's 13×13 kernel is a slow fallback (never chosen), no 15×15 padding, direct backward on
-    small maps, FFT for training at 56² and for 31×31 inference at 56²/28²."""
+    small maps, FFT for training at 56², for 13×13 inference at 56² (batch 32, not batch 1 at 28²) and for
+    31×31 inference at 56²/28²."""
     for c, s in ((40, 56), (80, 28), (160, 14), (320, 7)):
         x = torch.randn(32, c, s, s)
         w13 = torch.randn(c, 1, 13, 13)
-        assert ops.choose_impl(x, w13, (6, 6), (1, 1), training=False) == "channels_last"
+        want = "fft" if s == 56 else "channels_last"
+        assert ops.choose_impl(x, w13, (6, 6), (1, 1), training=False) == want
+    assert ops.choose_impl(torch.randn(1, 80, 28, 28), torch.randn(80, 1, 13, 13), (6, 6), (1, 1), False) \
+        == "channels_last"
     assert ops.choose_impl(torch.randn(32, 40, 56, 56), torch.randn(40, 1, 13, 13), (6, 6), (1, 1), True) == "fft"
     for c, s in ((160, 14), (320, 7)):
         x = torch.randn(32, c, s, s).contiguous(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ from .depthwise import (
     set_conv_impl,
     set_cpu_profile,
 )
-from .fft import fft_depthwise_conv2d
+from .fft import clear_fft_kernel_cache, fft_depthwise_conv2d, set_fft_kernel_cache
 
 __all__ = [
     "IMPLS",
@@ -30,6 +30,7 @@ __all__ = [
     "DepthwiseConv2d",
     "available_impls",
     "choose_impl",
+    "clear_fft_kernel_cache",
     "conv_impl_state",
     "cpu_profile",
     "crop_kernel_to_reach",
@@ -42,4 +43,5 @@ __all__ = [
     "set_autotune",
     "set_conv_impl",
     "set_cpu_profile",
+    "set_fft_kernel_cache",
 ]

@@ -213,10 +213,10 @@ def channels_last_grad(x: Tensor) -> Tensor:
 
 def _fft(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     channels_last = _is_channels_last(x)
-    y = fft_depthwise_conv2d(channels_last_grad(x) if channels_last else x, w, b, padding, dilation)
     # keep the caller's layout: a channels-last model handed an NCHW tensor would run every later op of
     # the block (norms, 1×1 convs, residual add) on the slower NCHW paths or convert back and forth
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+    return fft_depthwise_conv2d(channels_last_grad(x) if channels_last else x, w, b, padding, dilation,
+                                torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -367,7 +367,10 @@ PROFILES: dict[str, CpuProfile] = {
     # and is the fastest for narrower ones, tall ones included (51×5 at 80@28²: 6 vs 11 ms)
     "avx2": CpuProfile(
         name="avx2", direct_ms_per_mac=4.2e-8, im2col_wgrad_ms_per_mac_k7=7e-8, im2col_wgrad_area_exponent=0.9,
-        fft_ms_per_unit=(5.3e-7, 1.45e-6), fft_ms_per_plane=(1.6e-4, 4.8e-4),
+        # inference FFT refitted after its pruned inverse, NCHW copy and kept kernel spectra (2026-12-03,
+        # ``lk_conv.py --passes fwd --all-impls --calibrate``, b1 and b32, 13/31/51/51×5 at the four stage
+        # shapes: a per-call ~0.18 ms that channels_last pays as well is left out of both)
+        fft_ms_per_unit=(3.5e-7, 1.45e-6), fft_ms_per_plane=(3.3e-4, 4.8e-4),
         nchw_native_max_taps=1 << 30, nchw_native_max_width=9, nchw_native_first=True, pad13_max_width=0,
         direct_training=True, direct_wgrad_ms_per_mac=7e-8, direct_wgrad_area_exponent=0.4,
         direct_copy_ms_per_element=4e-7,
