@@ -144,6 +144,20 @@ def test_fft_inference_path_chunks_layout_and_bias(monkeypatch, channels_last, b
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("impl", ["native", "channels_last", "direct", "fft", "auto"])
+def test_weight_grad_has_the_parameters_strides(impl):
+    # DDP compares gradient strides with its bucket views literally: PyTorch's channels-last depthwise
+    # backward gives [9, 1, 3, 1] for a [C, 1, 3, 3] weight of strides [9, 9, 3, 1] (same memory)
+    conv = DepthwiseConv2d(8, 3, impl=impl)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    conv(x).sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    w = conv.weight.detach().clone().requires_grad_()
+    F.conv2d(ref_x, w, None, 1, 1, 1, 8).sum().backward()
+    assert max_rel_err(conv.weight.grad, w.grad) <= 1e-5 and max_rel_err(x.grad, ref_x.grad) <= 1e-5
+
+
 @pytest.fixture
 def fft_cache():
     from uniperception.ops import fft

@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +87,36 @@ def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ impls
+class _ContiguousStridesGrad(torch.autograd.Function):
+    """Identity forward; backward restrides a contiguous gradient to the exact strides of a contiguous weight.
+
+    PyTorch's depthwise conv backward on channels-last input returns the ``[C, 1, kh, kw]`` weight gradient
+    with strides ``[k², 1, kw, 1]``: the same memory as the parameter's ``[k², k², kw, 1]`` (they differ only
+    on the size-1 dimension), but DDP compares strides literally and warns ("grad strides do not match bucket
+    view strides") and copies. The restrided view costs nothing.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor) -> Tensor:
+        ctx.strides = w.stride()
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        if grad.stride() != ctx.strides and grad.is_contiguous():
+            return grad.as_strided(grad.shape, ctx.strides, grad.storage_offset())
+        return grad
+
+
+def _weight_for_grad(w: Tensor, x: Tensor, b: Tensor | None) -> Tensor:
+    """``w`` for PyTorch's conv: a whole contiguous parameter gets its gradient back in its own strides."""
+    if w.requires_grad and w._base is None and w.is_contiguous() and _needs_grad(x, w, b):
+        return _ContiguousStridesGrad.apply(w)
+    return w
+
+
 def _native(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+    return F.conv2d(x, _weight_for_grad(w, x, b), b, 1, padding, dilation, x.shape[1])
 
 
 def _channels_last(
@@ -104,7 +133,7 @@ def _channels_last(
         w = F.pad(w, (1, 1, 1, 1))
         padding = (padding[0] + 1, padding[1] + 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, b, 1, padding, dilation, x.shape[1])
+    return F.conv2d(x, _weight_for_grad(w, x, b), b, 1, padding, dilation, x.shape[1])
 
 
 class _DirectDepthwise(torch.autograd.Function):
