@@ -319,6 +319,7 @@ def crop_kernel_to_reach(
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _symmetric_crop(size: int, k: int, pad: int, dil: int) -> int:
     lo, hi = _reach(size, k, pad, dil)
     if hi < lo:
@@ -520,8 +521,8 @@ def choose_impl(
         return "triton" if _triton_available() and max(kh, kw) >= 7 and x.dtype != torch.float64 else "native"
     if x.device.type != "cpu":
         return "native"
-    key = (tuple(x.shape), tuple(weight.shape), padding, dilation, x.dtype, training)
     if _AUTOTUNE["enabled"]:
+        key = (tuple(x.shape), tuple(weight.shape), padding, dilation, x.dtype, training)
         if key not in _AUTOTUNE_CACHE:
             _AUTOTUNE_CACHE[key] = _autotune(x, weight, padding, dilation, training)
         return _AUTOTUNE_CACHE[key]
@@ -691,8 +692,10 @@ def _prepare_kernel(
 def _densify_dilated(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
     """A dilated kernel as the dense kernel it equals (zeros between taps; same padding, same output), where
     the CPU profile says the dense kernel is faster. Differentiable: the zeros get no gradient."""
+    if dilation == (1, 1) or x.device.type != "cpu":
+        return weight, dilation
     limit = cpu_profile().densify_dilated_above
-    if not limit or x.device.type != "cpu" or dilation == (1, 1):
+    if not limit:
         return weight, dilation
     (kh, kw), (dh, dw) = weight.shape[-2:], dilation
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
@@ -705,8 +708,10 @@ def _densify_dilated(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> tu
 
 def _space_to_batch_applies(x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int]) -> bool:
     """Whether the CPU profile runs this dilated conv on its sub-grids (see :func:`_space_to_batch_conv`)."""
+    if dilation == (1, 1) or x.device.type != "cpu":
+        return False
     prof = cpu_profile()
-    if not prof.space_to_batch_min_side or x.device.type != "cpu" or dilation == (1, 1):
+    if not prof.space_to_batch_min_side:
         return False
     (kh, kw), (dh, dw), (ph, pw) = weight.shape[-2:], dilation, padding
     if max(dh * (kh - 1) + 1, dw * (kw - 1) + 1) <= prof.densify_dilated_above or ph % dh or pw % dw:
