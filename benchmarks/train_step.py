@@ -45,6 +45,7 @@ import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,8 @@ class Run:
     opt: torch.optim.Optimizer
     step_s: list[float] = field(default_factory=list)
     step_cpu_s: list[float] = field(default_factory=list)
+    step_faults: list[int] = field(default_factory=list)  # minor page faults during each timed step
+    step_sys_s: list[float] = field(default_factory=list)  # system (kernel) CPU time of each timed step
     losses: list[float] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     use: list[int] = field(default_factory=list)  # rounds the statistics use (the uncontended ones)
@@ -120,6 +123,15 @@ class Run:
 
     def ms(self) -> float:
         return 1e3 * statistics.median(self.times())
+
+    def _used(self, values: list) -> list:
+        return [values[i] for i in self.use] if self.use else values
+
+    def faults(self) -> float:
+        return statistics.median(self._used(self.step_faults))
+
+    def sys_ms(self) -> float:
+        return 1e3 * statistics.median(self._used(self.step_sys_s))
 
     def iqr_pct(self) -> float:
         t = self.times()
@@ -191,10 +203,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 def timed_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> None:
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, t0 = time.process_time(), time.perf_counter()
     run.losses.append(train_step(run.model, run.opt, x, y))
     run.step_s.append(time.perf_counter() - t0)
     run.step_cpu_s.append(time.process_time() - c0)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    run.step_faults.append(r1.ru_minflt - r0.ru_minflt)
+    run.step_sys_s.append(r1.ru_stime - r0.ru_stime)
 
 
 def conv_choices(model: nn.Module) -> dict[str, int]:
@@ -295,8 +311,8 @@ def markdown(runs: list[Run], checks: dict[str, dict[str, float]], choices: dict
         header_line(meta) + f" {meta['repeats']} interleaved rounds; " + rounds_note(meta),
         "",
         f"| Model | Mode | ms / step (b{b}) | IQR | img/s | × official | × engine-native-conv "
-        "| Peak RSS (GB) | Peak above model+opt (GB) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| Peak RSS (GB) | Peak above model+opt (GB) | page faults / step | system ms / step |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     by_key = {r.key: r for r in runs}
     for r in runs:
@@ -309,10 +325,12 @@ def markdown(runs: list[Run], checks: dict[str, dict[str, float]], choices: dict
         px = f"{mem['peak_extra_mb'] / 1024:.2f}" if mem.get("peak_extra_mb") else "n/a"
         lines.append(
             f"| {r.arch} | {r.mode} | {r.ms():.0f} | ±{r.iqr_pct() / 2:.0f}% | {1e3 * b / r.ms():.1f} "
-            f"| {so} | {se} | {pk} | {px} |"
+            f"| {so} | {se} | {pk} | {px} | {r.faults():.0f} | {r.sys_ms():.0f} |"
         )
     lines += ["", "IQR: half the inter-quartile range of the per-round step times, relative to the median. "
-              "Speed-ups are medians of per-round ratios (> 1 = faster)."]
+              "Speed-ups are medians of per-round ratios (> 1 = faster). Page faults (minor, `getrusage`) and "
+              "system CPU time: medians over the same steps; many faults mean freed memory was not reused and "
+              "fresh pages were touched (see `benchmarks/alloc_reuse.py`)."]
     for arch, c in checks.items():
         lines.append(
             f"\nLoss check {arch} (first step, same batch and weights): official {c['official']:.6f}; "
@@ -434,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                     "memory": r.memory,
                     "step_s": r.step_s,
                     "step_cpu_s": r.step_cpu_s,
+                    "step_minor_faults": r.step_faults,
+                    "step_sys_s": r.step_sys_s,
                     "losses": r.losses,
                 }
                 for r in runs
