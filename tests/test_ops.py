@@ -219,6 +219,17 @@ def test_fft_kernel_cache_not_used_in_training_or_when_off(fft_cache):
         assert len(fft_cache._KERNEL_CACHE) == 0
     finally:
         fft_cache.set_fft_kernel_cache(True)
+    # a frozen kernel: kept in inference, but a graph that needs the input's gradient gets a fresh spectrum
+    # (a kept one made under inference_mode could not be saved for backward)
+    frozen = DepthwiseConv2d(3, 21, padding=10, impl="fft").eval().requires_grad_(False)
+    _fft_eval(frozen, x.detach())
+    assert len(fft_cache._KERNEL_CACHE) == 1
+    xg = x.detach().clone().requires_grad_()
+    frozen(xg).sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    F.conv2d(ref, frozen.weight, None, 1, 10, 1, 3).sum().backward()
+    assert max_rel_err(xg.grad, ref.grad) <= 1e-4
+    fft_cache.clear_fft_kernel_cache()
     # plain tensors (not parameters) are never kept: their storage may be reused by another kernel
     with torch.inference_mode():
         depthwise_conv2d(x.detach(), torch.randn(3, 1, 21, 21), padding=10, impl="fft")

@@ -95,8 +95,8 @@ def _fft_conv(x: Tensor, kernel_f: Tensor, s: tuple[int, int], off: tuple[int, i
 # batch 1 (80@28², 31×31: 0.31 of 1.4 ms), so spectra of parameters are kept, per parameter and FFT grid.
 # An entry is valid while the parameter's storage, version counter and a fingerprint of the kernel's values
 # are unchanged: the fingerprint also catches writes through ``param.data``, which bypass the version counter.
-# keyed by the parameter's id (tensors compare elementwise, so no WeakKeyDictionary); a weak reference's
-# callback drops the entry with the parameter
+# Keyed by the parameter's id (tensors compare elementwise, so no WeakKeyDictionary); a weak reference's
+# callback drops the entry with the parameter.
 _KERNEL_CACHE: dict[int, tuple[weakref.ref, dict[tuple, tuple]]] = {}
 _KERNEL_CACHE_STATE = {"enabled": os.environ.get("UNIPERCEPTION_FFT_KERNEL_CACHE", "1") != "0"}
 #: FFT grids (input sizes) remembered per parameter
@@ -135,9 +135,10 @@ def _spectrum(weight: Tensor, s: tuple[int, int]) -> Tensor:
 def _kernel_spectrum(weight: Tensor, work: torch.dtype, dilation: tuple[int, int], s: tuple[int, int]) -> Tensor:
     """The rfft2 of the flipped (densified) kernel on grid ``s``; kept for parameters in inference."""
     root = weight._base if weight._base is not None else weight
+    # only with grad mode off: a spectrum made under inference_mode is an inference tensor, which autograd
+    # may not save (a frozen kernel in a graph that needs the input's gradient would then fail)
     cacheable = (
-        _KERNEL_CACHE_STATE["enabled"] and isinstance(root, torch.nn.Parameter)
-        and not (torch.is_grad_enabled() and weight.requires_grad)
+        _KERNEL_CACHE_STATE["enabled"] and not torch.is_grad_enabled() and isinstance(root, torch.nn.Parameter)
     )
     if not cacheable:
         return _spectrum(_densify(weight.to(work), dilation), s)
