@@ -158,6 +158,15 @@ def test_weight_grad_has_the_parameters_strides(impl):
     assert max_rel_err(conv.weight.grad, w.grad) <= 1e-5 and max_rel_err(x.grad, ref_x.grad) <= 1e-5
 
 
+def test_fft_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="C×1×kh×kw"):
+        ops.fft_depthwise_conv2d(torch.randn(3, 8, 8), torch.randn(3, 1, 3, 3))
+    with pytest.raises(ValueError, match="C×1×kh×kw"):
+        ops.fft_depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="memory_format"):
+        ops.fft_depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), memory_format=torch.preserve_format)
+
+
 @pytest.fixture
 def fft_cache():
     from uniperception.ops import fft

@@ -187,6 +187,12 @@ def fft_depthwise_conv2d(
     (default: channels-last for channels-last ``x``, else contiguous). In inference the kernel's spectrum
     is kept per parameter (:func:`set_fft_kernel_cache`).
     """
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"expected a B×C×H×W input and a C×1×kh×kw weight, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if memory_format not in (None, torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, got "
+                         f"{memory_format}")
     out_dtype = x.dtype
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if memory_format is None:
