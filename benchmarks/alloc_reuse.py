@@ -16,6 +16,8 @@ the next) and counts the minor page faults per call (``getrusage``). Variants:
 * ``default``: the environment as given;
 * ``malloc-env``: ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` as the other benchmarks ask
   (large blocks from the heap, never returned to the OS);
+* ``keep_freed_memory``: the same thresholds raised at run time by :func:`uniperception.keep_freed_memory`
+  (what the CLI and the Trainer do on CPU);
 * ``malloc-env+no-tcache``: the same plus ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``;
 * ``thp`` / ``malloc-env+thp``: PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (allocations of 2 MiB and more
   2 MiB-aligned and ``madvise(MADV_HUGEPAGE)``, fewer but larger faults), without and with the MALLOC_*
@@ -24,6 +26,7 @@ the next) and counts the minor page faults per call (``getrusage``). Variants:
 Run::
 
     .venv/bin/python benchmarks/alloc_reuse.py --processes 6
+    .venv/bin/python benchmarks/alloc_reuse.py --processes 4 --calls 30 --workload a-b1
 
 Markdown goes to stdout. Nothing is asserted about wall times.
 """
@@ -47,29 +50,57 @@ except ImportError:  # run as ``python -m benchmarks.alloc_reuse``
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "malloc-env": dict(MALLOC_ENV),
+    # the same thresholds raised at run time by the package (what the CLI and the Trainer do on CPU)
+    "keep_freed_memory": {"_ALLOC_REUSE_MALLOPT": "1"},
     "malloc-env+no-tcache": {**MALLOC_ENV, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"},
     "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
     "malloc-env+thp": {**MALLOC_ENV, "THP_MEM_ALLOC_ENABLE": "1"},
 }
 
 
-def probe(mb: int, calls: int) -> dict[str, float]:
-    """In this process: median ms and mean minor faults per fresh ``x * x`` (after two warm-up calls)."""
+def probe(mb: int, calls: int, workload: str) -> dict[str, float]:
+    """In this process: median ms and mean minor faults per call (after warm-up calls).
+
+    ``mul``: a fresh ``x * x`` of an ``mb`` MiB tensor; ``a-b1``: one batch-1 224² forward of UniRepLKNet-A in
+    its deploy form (inference mode), i.e. what the allocator costs a real small call.
+    """
     import torch
 
+    if os.environ.get("_ALLOC_REUSE_MALLOPT") == "1":
+        from uniperception import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(2)
-    x = torch.randn(mb * (1 << 20) // 4)
-    for _ in range(2):
-        y = x * x
-        del y
+    if workload == "mul":
+        x = torch.randn(mb * (1 << 20) // 4)
+
+        def call() -> None:
+            y = x * x
+            del y
+
+        warmup = 2
+    else:
+        import uniperception as up
+
+        torch.manual_seed(0)
+        model = up.create_model("unireplknet_a", num_classes=1000).eval()
+        model.reparameterize()
+        img = torch.randn(1, 3, 224, 224)
+
+        def call() -> None:
+            with torch.inference_mode():
+                model(img)
+
+        warmup = 5
+    for _ in range(warmup):
+        call()
     times, faults = [], []
     for _ in range(calls):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        y = x * x
+        call()
         times.append((time.perf_counter() - t0) * 1e3)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-        del y
     return {"ms": statistics.median(times), "faults": statistics.mean(faults)}
 
 
@@ -78,20 +109,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--processes", type=int, default=6, help="fresh processes per variant")
     ap.add_argument("--calls", type=int, default=8, help="timed products per process")
     ap.add_argument("--mb", type=int, default=64, help="tensor size in MiB (UniRepLKNet-A's widest at b32: 64)")
+    ap.add_argument("--workload", choices=("mul", "a-b1"), default="mul",
+                    help="mul: fresh x*x of --mb MiB; a-b1: UniRepLKNet-A deploy forward at batch 1")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args.mb, args.calls)))
+        print(json.dumps(probe(args.mb, args.calls, args.workload)))
         return
     if args.processes < 1 or args.calls < 1 or args.mb < 1:
         raise SystemExit("--processes, --calls and --mb must be positive")
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", *MALLOC_ENV)}
+    drop = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "_ALLOC_REUSE_MALLOPT", *MALLOC_ENV)
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     rows = []
     for name, extra in VARIANTS.items():
         runs = []
         for _ in range(args.processes):
             out = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--probe", "--mb", str(args.mb), "--calls", str(args.calls)],
+                [sys.executable, os.path.abspath(__file__), "--probe", "--mb", str(args.mb), "--calls", str(args.calls),
+                 "--workload", args.workload],
                 env={**base, **extra}, capture_output=True, text=True, timeout=600, check=True,
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -100,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     m = base_meta(2)
     print(f"uniperception {m['uniperception']} ({m['git']}), torch {m['torch']}, {m['cpu']}, 2 threads, {m['date']}")
     print()
-    print(f"Fresh `x * x` of a {args.mb} MiB float32 tensor, {args.calls} calls in each of {args.processes} processes:")
+    what = (f"Fresh `x * x` of a {args.mb} MiB float32 tensor" if args.workload == "mul"
+            else "UniRepLKNet-A deploy forward, batch 1, 224²")
+    print(f"{what}, {args.calls} calls in each of {args.processes} processes:")
     print()
     print("| Variant | median ms per process | minor faults per call, per process | processes that reuse |")
     print("|---|---|---|--:|")

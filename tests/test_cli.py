@@ -88,3 +88,16 @@ def test_erf_command(tmp_path):
     res = runner.invoke(app, ["erf", "--model", "slak_t", "--images", str(tmp_path / "none")])
     # the console wraps long lines (a long temporary path moves the break)
     assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
+
+
+def test_cli_keeps_freed_memory_unless_told_not_to(monkeypatch):
+    # the CLI is an application: it raises glibc's thresholds once (no page faults per call); env var opts out
+    import uniperception._alloc as alloc
+
+    calls = []
+    monkeypatch.setattr(alloc, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert runner.invoke(app, ["models"]).exit_code == 0
+    assert calls == [1]
+    monkeypatch.setenv("UNIPERCEPTION_KEEP_FREED_MEMORY", "0")
+    assert runner.invoke(app, ["models"]).exit_code == 0
+    assert calls == [1]

@@ -7,6 +7,7 @@ Start with :func:`create_model` / :func:`list_models`, re-parameterise any model
 __version__ = "0.1.0"
 
 from . import checkpoints, errors
+from ._alloc import keep_freed_memory
 from .backbones import create_model, get_pretrained_cfg, list_models, register_model
 from .errors import (
     CheckpointError,
@@ -35,6 +36,7 @@ __all__ = [
     "create_model",
     "errors",
     "get_pretrained_cfg",
+    "keep_freed_memory",
     "list_bundles",
     "list_models",
     "register_model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,13 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # an application, so it may tune the process: glibc keeps freed buffers for reuse instead of returning them
+    # and faulting fresh pages in at every call (UniRepLKNet-A at batch 1: no page faults instead of ~1500 per
+    # forward; docs/benchmarks.md). UNIPERCEPTION_KEEP_FREED_MEMORY=0 leaves malloc as it is.
+    if os.environ.get("UNIPERCEPTION_KEEP_FREED_MEMORY", "1") != "0":
+        from ._alloc import keep_freed_memory
+
+        keep_freed_memory()
 
 
 @app.command()
