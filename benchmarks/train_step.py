@@ -118,14 +118,15 @@ class Run:
     def key(self) -> str:
         return f"{self.arch} / {self.mode}"
 
+    def _used(self, values: list) -> list:
+        """``values`` (one per timed step) of the rounds the statistics use."""
+        return [values[i] for i in self.use] if self.use else values
+
     def times(self) -> list[float]:
-        return [self.step_s[i] for i in self.use] if self.use else self.step_s
+        return self._used(self.step_s)
 
     def ms(self) -> float:
         return 1e3 * statistics.median(self.times())
-
-    def _used(self, values: list) -> list:
-        return [values[i] for i in self.use] if self.use else values
 
     def faults(self) -> float:
         return statistics.median(self._used(self.step_faults))

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError
-from .fft import fft_depthwise_conv2d, smooth7_size
+from .fft import densify_kernel, fft_depthwise_conv2d, smooth7_size
 
 __all__ = [
     "IMPLS",
@@ -244,8 +244,8 @@ def _fft(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int], dilat
     channels_last = _is_channels_last(x)
     # keep the caller's layout: a channels-last model handed an NCHW tensor would run every later op of
     # the block (norms, 1×1 convs, residual add) on the slower NCHW paths or convert back and forth
-    return fft_depthwise_conv2d(channels_last_grad(x) if channels_last else x, w, b, padding, dilation,
-                                torch.channels_last if channels_last else torch.contiguous_format)
+    # (fft_depthwise_conv2d's default output layout is the input's)
+    return fft_depthwise_conv2d(channels_last_grad(x) if channels_last else x, w, b, padding, dilation)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -701,9 +701,7 @@ def _densify_dilated(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> tu
     eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     if max(eh, ew) <= limit:
         return weight, dilation
-    dense = weight.new_zeros((*weight.shape[:-2], eh, ew))
-    dense[..., ::dh, ::dw] = weight
-    return dense, (1, 1)
+    return densify_kernel(weight, dilation), (1, 1)
 
 
 def _space_to_batch_applies(x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tuple[int, int]) -> bool:

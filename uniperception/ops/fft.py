@@ -141,7 +141,7 @@ def _kernel_spectrum(weight: Tensor, work: torch.dtype, dilation: tuple[int, int
         _KERNEL_CACHE_STATE["enabled"] and not torch.is_grad_enabled() and isinstance(root, torch.nn.Parameter)
     )
     if not cacheable:
-        return _spectrum(_densify(weight.to(work), dilation), s)
+        return _spectrum(densify_kernel(weight.to(work), dilation), s)
     key = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, work,
            dilation, s)
     stamp = (root.data_ptr(), root._version, _fingerprint(weight))
@@ -154,7 +154,7 @@ def _kernel_spectrum(weight: Tensor, work: torch.dtype, dilation: tuple[int, int
     hit = entries.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    spec = _spectrum(_densify(weight.to(work), dilation), s)
+    spec = _spectrum(densify_kernel(weight.to(work), dilation), s)
     entries.pop(key, None)
     while len(entries) >= _KERNEL_CACHE_PER_PARAM:
         entries.pop(next(iter(entries)))
@@ -162,7 +162,8 @@ def _kernel_spectrum(weight: Tensor, work: torch.dtype, dilation: tuple[int, int
     return spec
 
 
-def _densify(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
+def densify_kernel(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
+    """A dilated kernel as the dense kernel it equals: zeros between the taps (differentiable)."""
     dh, dw = dilation
     if dh == 1 and dw == 1:
         return weight
@@ -196,7 +197,7 @@ def fft_depthwise_conv2d(
     out_dtype = x.dtype
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if memory_format is None:
-        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         memory_format = torch.channels_last if cl else torch.contiguous_format
     dh, dw = dilation
     kh, kw = dh * (weight.shape[-2] - 1) + 1, dw * (weight.shape[-1] - 1) + 1
