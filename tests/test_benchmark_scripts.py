@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,29 @@ def test_export_speed_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     assert "eager deploy" in capsys.readouterr().out
     res = json.loads(out.read_text())
     assert res["runtimes"] and all(len(r["batch_times_s"]["1"]) == 2 for r in res["runtimes"])
+
+
+def test_gpu_dw_interpreter_smoke(tmp_path: Path) -> None:
+    """The GPU benchmark end to end on the CPU, its Triton kernels run by Triton's interpreter."""
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_dw.py"), "--device", "cpu", "--shapes", "2@6",
+         "--kernels", "3", "--batch", "1", "--dtypes", "fp32", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items()
+                                                          if k != "TRITON_INTERPRET"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| fwd | fp32 | 1 | 2@6² | 3×3 |" in proc.stdout and "| fwd+bwd | fp32 | 1 | 2@6² | 3×3 |" in proc.stdout
+    res = json.loads(out.read_text())
+    assert len(res["results"]) == 2
+    for r in res["results"]:
+        assert r["max_rel_err"]["triton"] <= 1e-4 and len(r["times_ms"]["triton"]) == 1
+
+
+def test_gpu_dw_refuses_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_dw.py"), "--kernels", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
