@@ -62,3 +62,25 @@ def test_triton_on_cuda(dtype, tol, k):
     gr = torch.autograd.grad(ref, (x, w), g)
     for a, r in zip(ga, gr, strict=True):
         assert ((a.float() - r.float()).abs().max() / r.float().abs().max()).item() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_autotune_on_cuda_times_to_completion(monkeypatch):
+    from uniperception import ops
+    from uniperception.ops import depthwise as dw
+
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (calls.append(1), real(*a))[1])
+    ops.set_autotune(True)
+    try:
+        x = torch.randn(2, 8, 20, 20, device="cuda")
+        w = torch.randn(8, 1, 13, 13, device="cuda")
+        y = ops.depthwise_conv2d(x, w, padding=6)
+        choice = next(iter(dw._AUTOTUNE_CACHE.values()))
+    finally:
+        ops.set_autotune(False)
+    assert choice in ops.available_impls("cuda") and calls  # every timed call was synchronised
+    ref = torch.nn.functional.conv2d(x, w, None, 1, 6, 1, 8)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-4

@@ -558,15 +558,19 @@ def _autotune(x: Tensor, weight: Tensor, padding: tuple[int, int], dilation: tup
     best, best_t = "native", math.inf
     xs = x.detach().clone().requires_grad_(training)
     ws = weight.detach().clone().requires_grad_(training)
+    # CUDA calls return before the kernels finish: time them to completion
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for impl in candidates:
         try:
             times = []
             for _ in range(3):
+                sync()
                 t0 = time.perf_counter()
                 with torch.set_grad_enabled(training):
                     y = _IMPL_FNS[impl](xs, ws, None, padding, dilation)
                     if training:
                         y.backward(torch.ones_like(y))
+                sync()
                 times.append(time.perf_counter() - t0)
             t = sorted(times)[1]
         except (InvalidInputError, RuntimeError):
