@@ -217,6 +217,46 @@ def test_fft_kernel_spectrum_kept_and_invalidated(fft_cache):
     assert len(fft_cache._KERNEL_CACHE) == 0
 
 
+def test_fft_kernel_cache_threads(fft_cache, monkeypatch):
+    """Threads sharing one layer, each cycling through more grids than are kept: every result exact, no
+    errors (unguarded, two threads evicting the same oldest entry raised KeyError within a few thousand
+    calls), never more than the cap per parameter."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(fft_cache, "_KERNEL_CACHE_PER_PARAM", 1)
+    conv = DepthwiseConv2d(1, 3, padding=1, bias=True, impl="fft").eval()
+    inputs = [torch.randn(1, 1, 4 + i, 4) for i in range(8)]
+    refs = [F.conv2d(x, conv.weight.detach(), conv.bias.detach(), 1, 1, 1, 1) for x in inputs]
+    errors: list[BaseException] = []
+    worst = [0.0]
+    torch_threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)
+    sys.setswitchinterval(1e-6)  # switch threads between almost any two bytecodes: races show up
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(1500):
+                j = (seed + i) % len(inputs)
+                worst[0] = max(worst[0], max_rel_err(_fft_eval(conv, inputs[j]), refs[j]))
+        except BaseException as e:  # collected, re-raised by the assert below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        torch.set_num_threads(torch_threads)
+        sys.setswitchinterval(interval)
+    assert not errors, repr(errors[0])
+    assert worst[0] <= 1e-4
+    (slot,) = fft_cache._KERNEL_CACHE.values()
+    assert len(slot[1]) <= 1
+
+
 def test_fft_kernel_cache_not_used_in_training_or_when_off(fft_cache):
     conv = DepthwiseConv2d(3, 21, padding=10, impl="fft")
     x = torch.randn(1, 3, 16, 16, requires_grad=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import weakref
 
 import torch
@@ -101,6 +102,9 @@ _KERNEL_CACHE: dict[int, tuple[weakref.ref, dict[tuple, tuple]]] = {}
 _KERNEL_CACHE_STATE = {"enabled": os.environ.get("UNIPERCEPTION_FFT_KERNEL_CACHE", "1") != "0"}
 #: FFT grids (input sizes) remembered per parameter
 _KERNEL_CACHE_PER_PARAM = 8
+#: guards the cache's dicts: inference may run in several threads (a server's thread pool) at once; re-entrant
+#: because a collection inside a locked region may run a dead parameter's callback (which takes it) at once
+_KERNEL_CACHE_LOCK = threading.RLock()
 
 
 def set_fft_kernel_cache(enabled: bool = True) -> None:
@@ -113,7 +117,8 @@ def set_fft_kernel_cache(enabled: bool = True) -> None:
 
 def clear_fft_kernel_cache() -> None:
     """Drop every kept kernel spectrum (they are also dropped with their parameters)."""
-    _KERNEL_CACHE.clear()
+    with _KERNEL_CACHE_LOCK:
+        _KERNEL_CACHE.clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,21 +150,30 @@ def _kernel_spectrum(weight: Tensor, work: torch.dtype, dilation: tuple[int, int
     key = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, work,
            dilation, s)
     stamp = (root.data_ptr(), root._version, _fingerprint(weight))
-    slot = _KERNEL_CACHE.get(id(root))
-    if slot is None or slot[0]() is not root:
-        rid = id(root)
-        slot = (weakref.ref(root, lambda _ref: _KERNEL_CACHE.pop(rid, None)), {})
-        _KERNEL_CACHE[rid] = slot
-    entries = slot[1]
-    hit = entries.get(key)
+    rid = id(root)
+    with _KERNEL_CACHE_LOCK:
+        slot = _KERNEL_CACHE.get(rid)
+        hit = slot[1].get(key) if slot is not None and slot[0]() is root else None
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    spec = _spectrum(densify_kernel(weight.to(work), dilation), s)
-    entries.pop(key, None)
-    while len(entries) >= _KERNEL_CACHE_PER_PARAM:
-        entries.pop(next(iter(entries)))
-    entries[key] = (stamp, spec)
+    spec = _spectrum(densify_kernel(weight.to(work), dilation), s)  # outside the lock: threads overlap
+    with _KERNEL_CACHE_LOCK:
+        slot = _KERNEL_CACHE.get(rid)
+        if slot is None or slot[0]() is not root:
+            slot = (weakref.ref(root, lambda _ref: _drop_entry(rid)), {})
+            _KERNEL_CACHE[rid] = slot
+        entries = slot[1]
+        entries.pop(key, None)
+        while len(entries) >= _KERNEL_CACHE_PER_PARAM:
+            entries.pop(next(iter(entries)))
+        entries[key] = (stamp, spec)
     return spec
+
+
+def _drop_entry(rid: int) -> None:
+    """The weak reference's callback: the parameter is gone (may run in any thread, at collection time)."""
+    with _KERNEL_CACHE_LOCK:
+        _KERNEL_CACHE.pop(rid, None)
 
 
 def densify_kernel(weight: Tensor, dilation: tuple[int, int]) -> Tensor:
