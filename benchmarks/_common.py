@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import gc
+import json
 import os
 import platform
 import statistics
@@ -406,3 +407,10 @@ def make_official(model: nn.Module) -> nn.Module:
         elif isinstance(m, LayerNorm2d):
             m.forward = types.MethodType(official_layernorm2d, m)
     return model
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write a benchmark's ``--json`` result (indented) and say so on stderr."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}", file=sys.stderr)

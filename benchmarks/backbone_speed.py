@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -74,6 +73,7 @@ try:
         rounds_note,
         timed_rounds,
         warn_malloc_env,
+        write_json,
     )
 except ImportError:  # run as ``python -m benchmarks.backbone_speed``
     from benchmarks._common import (
@@ -87,6 +87,7 @@ except ImportError:  # run as ``python -m benchmarks.backbone_speed``
         rounds_note,
         timed_rounds,
         warn_malloc_env,
+        write_json,
     )
 
 CONVNEXT_PAIR = {
@@ -579,9 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": [r.__dict__ for r in ratios],
             "equivalence_check": checks,
         }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, result)
     return 0
 
 

@@ -29,7 +29,6 @@ slow and its times mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -44,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 try:
-    from _common import git_revision
+    from _common import git_revision, write_json
 except ImportError:  # run as ``python -m benchmarks.gpu_dw``
-    from benchmarks._common import git_revision
+    from benchmarks._common import git_revision, write_json
 
 DEFAULT_SHAPES = ["40@56", "80@28", "160@14", "320@7"]
 DEFAULT_KERNELS = [13, 31, 51]
@@ -310,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in results
             ],
         }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, out)
     return 0
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shlex
 import statistics
@@ -76,6 +75,7 @@ try:
         rounds_note,
         timed_rounds,
         warn_malloc_env,
+        write_json,
     )
 except ImportError:  # run as ``python -m benchmarks.large_kernel_speed``
     from benchmarks._common import (
@@ -90,6 +90,7 @@ except ImportError:  # run as ``python -m benchmarks.large_kernel_speed``
         rounds_note,
         timed_rounds,
         warn_malloc_env,
+        write_json,
     )
 
 DEFAULT_MODELS = ["unireplknet_a", "unireplknet_t", "replknet_31b", "slak_t"]
@@ -467,9 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 for e in entries
             ],
         }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, result)
     return 1 if failed else 0
 
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import statistics
 import sys
@@ -85,6 +84,7 @@ try:
         peak_extra_mb,
         wait_for_quiet,
         warn_malloc_env,
+        write_json,
     )
 except ImportError:  # run as ``python -m benchmarks.lk_conv``
     from benchmarks._common import (
@@ -95,6 +95,7 @@ except ImportError:  # run as ``python -m benchmarks.lk_conv``
         peak_extra_mb,
         wait_for_quiet,
         warn_malloc_env,
+        write_json,
     )
 
 DEFAULT_SHAPES = ["40@56", "80@28", "160@14", "320@7"]
@@ -580,9 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in results
             ],
         }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, out)
     return 0
 
 

@@ -75,6 +75,7 @@ try:
         rss_mb,
         wait_for_quiet,
         warn_malloc_env,
+        write_json,
     )
 except ImportError:  # run as ``python -m benchmarks.train_step``
     from benchmarks._common import (
@@ -92,6 +93,7 @@ except ImportError:  # run as ``python -m benchmarks.train_step``
         rss_mb,
         wait_for_quiet,
         warn_malloc_env,
+        write_json,
     )
 
 MODES = ("official", "engine-native-conv", "engine-no-direct", "engine", "engine+cp")
@@ -460,9 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in runs
             ],
         }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, out)
     return 0
 
 
