@@ -500,6 +500,67 @@ def test_fused_linear_gelu_matches_eager():
     assert isinstance(onednn_fusion_available(), bool)
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_conv1x1_training_matches_conv2d(layout):
+    """The 1×1 conv with a summed bias gradient gives F.conv2d's output and every gradient (odd sizes)."""
+    from uniperception.ops.fused import conv1x1
+
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 8, 11, 13).contiguous(memory_format=layout)
+    w0, b0 = torch.randn(24, 8, 1, 1), torch.randn(24)
+    gy = torch.randn(3, 24, 11, 13)
+    grads = []
+    for fn in (F.conv2d, conv1x1):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = fn(x, w, b)
+        if fn is conv1x1:
+            assert type(y.grad_fn).__name__ == "_Conv1x1Backward"  # the custom backward ran
+        y.backward(gy)
+        grads.append((y.detach(), x.grad, w.grad, b.grad))
+    for got, ref in zip(grads[1], grads[0], strict=True):
+        assert max_rel_err(got, ref) <= 1e-5
+    # only the weight needs a gradient: the input's is not computed
+    x, w, b = x0.clone(), w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    conv1x1(x, w, b).sum().backward()
+    assert w.grad is not None and b.grad is not None and x.grad is None
+
+
+def test_conv1x1_double_backward_and_fallbacks():
+    from uniperception.ops.fused import _Conv1x1, conv1x1
+
+    x = torch.randn(2, 5, 7, 9, dtype=torch.float64).requires_grad_()
+    w = torch.randn(6, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_Conv1x1.apply, (x, w, b))
+    assert torch.autograd.gradgradcheck(_Conv1x1.apply, (x, w, b))
+    # plain F.conv2d where the custom backward has nothing to save: no bias, no grad, frozen bias, autocast
+    assert type(conv1x1(x, w, None).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(conv1x1(x, w, b.detach()).grad_fn).__name__ == "ConvolutionBackward0"
+    with torch.no_grad():
+        assert conv1x1(x, w, b).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv1x1(x.float(), w.float(), b.float())
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_Conv1x1Backward"
+
+
+def test_block_training_uses_summed_bias_gradient():
+    """UniRepLKNet's pwconv1 goes through conv1x1 in training (the lever the training-step benchmark measures)."""
+    from uniperception.layers.unireplknet_block import UniRepLKNetBlock
+
+    blk = UniRepLKNetBlock(16, 7).train()
+    x = torch.randn(2, 16, 9, 11).contiguous(memory_format=torch.channels_last)
+    names: set[str] = set()
+    y = blk(x)
+    stack = [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or type(fn).__name__ in names:
+            continue
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert "_Conv1x1Backward" in names
+
+
 def test_deploy_model_matches_training_form_on_odd_sizes():
     """Mixed kernel sizes, sizes not multiples of 32: the deploy form's logits are the training form's."""
     m = UniRepLKNet(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), kernel_sizes=((3,), (13,), (13, 11), (7,)),

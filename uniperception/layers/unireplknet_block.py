@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.depthwise import _is_tracing
-from ..ops.fused import conv1x1_add_, linear_gelu_nchw, onednn_fusion_available
+from ..ops.fused import conv1x1, conv1x1_add_, linear_gelu_nchw, onednn_fusion_available
 from .dilated_reparam import (
     DILATED_BRANCHES,
     DilatedReparamBlock,
@@ -148,7 +148,7 @@ class UniRepLKNetBlock(nn.Module):
         if isinstance(self.act[0], nn.GELU) and self.act[0].approximate == "none":
             y = linear_gelu_nchw(y, lin1.weight, lin1.bias)  # one oneDNN op in CPU inference
         else:
-            y = self.act[0](F.conv2d(y, lin1.weight[:, :, None, None], lin1.bias))
+            y = self.act[0](conv1x1(y, lin1.weight[:, :, None, None], lin1.bias))
         y = self.act[1].forward_channels_first(y, inplace=inplace)
         lin2: nn.Linear = self.pwconv2[0]
         y = F.conv2d(y, lin2.weight[:, :, None, None], lin2.bias)

@@ -5,12 +5,16 @@ CPU in inference (no autograd), float32, it runs as one oneDNN convolution with 
 a full write and read of the widest tensor in a UniRepLKNet block (about 2× faster for that pair at
 UniRepLKNet-A's shapes). Everywhere else (autograd, other dtypes or devices, tracing/export, or if the
 private oneDNN op is unavailable in this PyTorch build) it runs the plain ``F.conv2d`` + ``F.gelu``.
+
+``conv1x1`` is that 1×1 convolution for training: on a CPU its bias gradient is a plain sum of the output
+gradient instead of the one PyTorch's convolution backward computes (several times slower at these shapes).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from .depthwise import _is_tracing
 
-__all__ = ["conv1x1_add_", "linear_gelu_nchw", "onednn_fusion_available"]
+__all__ = ["conv1x1", "conv1x1_add_", "linear_gelu_nchw", "onednn_fusion_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,50 @@ def linear_gelu_nchw(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             x.contiguous(memory_format=torch.channels_last), w.contiguous(), bias,
             [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none",
         )
-    return F.gelu(F.conv2d(x, w, bias))
+    return F.gelu(conv1x1(x, w, bias))
+
+
+class _Conv1x1(torch.autograd.Function):
+    """``F.conv2d(x, w, b)`` for a 1×1 ``w`` whose bias gradient is ``dy.sum((0, 2, 3))``.
+
+    PyTorch's CPU convolution backward computes the bias gradient of a 1×1 conv far slower than a sum: at
+    UniRepLKNet-A's first-stage ``pwconv1`` (32×40×56² → 160 channels, channels-last) it adds 14 ms to a 30 ms
+    backward, where the sum takes 4 ms (2-core AVX2 EPYC, ``benchmarks/lk_conv.py``'s machine). The input and
+    weight gradients are the same ``convolution_backward`` call autograd makes, without the bias; the backward is
+    made of differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, b)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = gw = gb = None
+        if need_x or need_w:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                gy, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+            )
+        if need_b:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb
+
+
+def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1×1 ``weight`` [out, in, 1, 1], with a cheap bias gradient on CPU.
+
+    The custom backward is used only where it helps: CPU, autograd recording a bias that needs a gradient, no
+    autocast, not tracing or compiling. Everywhere else this is ``F.conv2d`` itself.
+    """
+    if (
+        bias is not None and x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad
+        and x.dim() == 4 and not torch.is_autocast_enabled("cpu") and not _is_tracing()
+    ):
+        return _Conv1x1.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias)
 
 
 @functools.cache
