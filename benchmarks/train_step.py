@@ -303,6 +303,12 @@ def run_timing(runs: list[Run], x: torch.Tensor, y: torch.Tensor, args: argparse
     return done
 
 
+def _half_iqr(run: Run) -> str:
+    """Half the IQR as ``±N%``, or ``n/a`` below the four rounds an IQR needs."""
+    iqr = run.iqr_pct()
+    return "n/a" if iqr != iqr else f"±{iqr / 2:.0f}%"
+
+
 def paired_speedup(run: Run, ref: Run) -> float:
     return statistics.median(r / m for r, m in zip(ref.times(), run.times(), strict=True))
 
@@ -327,7 +333,7 @@ def markdown(runs: list[Run], checks: dict[str, dict[str, float]], choices: dict
         pk = f"{mem['peak_rss_mb'] / 1024:.2f}" if mem.get("peak_rss_mb") else "n/a"
         px = f"{mem['peak_extra_mb'] / 1024:.2f}" if mem.get("peak_extra_mb") else "n/a"
         lines.append(
-            f"| {r.arch} | {r.mode} | {r.ms():.0f} | ±{r.iqr_pct() / 2:.0f}% | {1e3 * b / r.ms():.1f} "
+            f"| {r.arch} | {r.mode} | {r.ms():.0f} | {_half_iqr(r)} | {1e3 * b / r.ms():.1f} "
             f"| {so} | {se} | {pk} | {px} | {r.faults():.0f} | {r.sys_ms():.0f} |"
         )
     lines += ["", "IQR: half the inter-quartile range of the per-round step times, relative to the median. "
