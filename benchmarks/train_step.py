@@ -44,6 +44,7 @@ import copy
 import dataclasses
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -306,7 +307,7 @@ def run_timing(runs: list[Run], x: torch.Tensor, y: torch.Tensor, args: argparse
 def _half_iqr(run: Run) -> str:
     """Half the IQR as ``±N%``, or ``n/a`` below the four rounds an IQR needs."""
     iqr = run.iqr_pct()
-    return "n/a" if iqr != iqr else f"±{iqr / 2:.0f}%"
+    return "n/a" if math.isnan(iqr) else f"±{iqr / 2:.0f}%"
 
 
 def paired_speedup(run: Run, ref: Run) -> float:
